@@ -1,0 +1,185 @@
+"""The MAR transformer (LTH14/mar `models/mar.py`) as a plain nn.Module.
+
+No sampling loop, no RNG, no `.cuda()`: device and dtype come from the inputs. Parameter names
+and shapes are upstream's (timm `Block` names inside), so official checkpoints load strictly.
+
+Token positions are passed as index tensors instead of masks: `known_idx` (B, n) lists the
+positions already generated. Gathers and scatters over static-size index tensors keep the
+step free of `.nonzero()` host syncs and dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import MARConfig
+from engine.diffloss import DiffLoss
+
+
+class Attention(nn.Module):
+    """timm-compatible multi-head self-attention (fused qkv, rows [q; k; v])."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+        return q, k, v
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        b, h, n, hd = x.shape
+        return self.proj(x.transpose(1, 2).reshape(b, n, h * hd))  # (B, N, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv_heads(x)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf GELU, as timm's default
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with timm's parameter names."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, L, C) at positions idx (B, n) -> (B, n, C)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class MAR(nn.Module):
+    """Masked autoregressive transformer: sparse encoder, full decoder, DiffLoss head."""
+
+    def __init__(self, cfg: MARConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        enc_d, dec_d, buf, seq = (
+            cfg.encoder_embed_dim,
+            cfg.decoder_embed_dim,
+            cfg.buffer_size,
+            cfg.seq_len,
+        )
+        # Construction order mirrors upstream so a seeded init consumes the RNG identically.
+        self.class_emb = nn.Embedding(cfg.class_num, enc_d)
+        self.fake_latent = nn.Parameter(torch.zeros(1, enc_d))  # the null class for CFG
+        self.z_proj = nn.Linear(cfg.token_embed_dim, enc_d, bias=True)
+        self.z_proj_ln = nn.LayerNorm(enc_d, eps=cfg.norm_eps)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, enc_d))
+        self.encoder_blocks = nn.ModuleList(
+            Block(enc_d, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.norm_eps)
+            for _ in range(cfg.encoder_depth)
+        )
+        self.encoder_norm = nn.LayerNorm(enc_d, eps=cfg.norm_eps)
+        self.decoder_embed = nn.Linear(enc_d, dec_d, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_d))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, dec_d))
+        self.decoder_blocks = nn.ModuleList(
+            Block(dec_d, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(dec_d, eps=cfg.norm_eps)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq, dec_d))
+        self.initialize_weights()
+        self.diffloss = DiffLoss(
+            cfg.token_embed_dim, dec_d, cfg.diffloss_d, cfg.diffloss_w, cfg.num_sampling_steps
+        )
+
+    def initialize_weights(self) -> None:
+        """Upstream init: N(0, .02) embeddings, xavier linears, unit LayerNorms."""
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
+            nn.init.normal_(p, std=0.02)
+
+        def init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.bias, 0)
+                nn.init.constant_(m.weight, 1.0)
+
+        self.apply(init)
+
+    # ------------------------------------------------------------------------------------------
+    # forward pieces used by the sampler (and MARché policies)
+
+    def class_embedding(self, labels: Tensor, guided: bool) -> Tensor:
+        """(B,) labels -> (B, D), or (2B, D) = [class_emb; fake_latent] for CFG."""
+        emb = self.class_emb(labels)
+        if guided:
+            emb = torch.cat([emb, self.fake_latent.expand(len(labels), -1)])
+        return emb
+
+    def encoder_input(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
+        """Buffer slots (all the class embedding) then the known tokens, + pos embed, LN.
+
+        tokens (B, L, C), known_idx (B, n), class_embedding (B, D) -> (B, buffer + n, D)
+        """
+        buf = self.cfg.buffer_size
+        pos = self.encoder_pos_embed_learned
+        x_known = self.z_proj(gather_tokens(tokens, known_idx))  # (B, n, D)
+        x_known = x_known + gather_tokens(pos.expand(len(tokens), -1, -1), buf + known_idx)
+        x_buf = class_embedding[:, None, :] + pos[:, :buf]  # (B, buffer, D)
+        return self.z_proj_ln(torch.cat([x_buf.to(x_known.dtype), x_known], dim=1))
+
+    def forward_encoder(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
+        """Upstream `forward_mae_encoder`: only the buffer and the known tokens are seen."""
+        x = self.encoder_input(tokens, known_idx, class_embedding)
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def decoder_input(self, x: Tensor, known_idx: Tensor) -> Tensor:
+        """Encoder output scattered into a full (B, buffer + L, D) sequence of mask tokens."""
+        buf, seq = self.cfg.buffer_size, self.cfg.seq_len
+        x = self.decoder_embed(x)  # (B, buffer + n, D)
+        b, _, d = x.shape
+        full = self.mask_token.to(x.dtype).expand(b, buf + seq, d).clone()
+        full[:, :buf] = x[:, :buf]
+        full.scatter_(1, (buf + known_idx)[..., None].expand(-1, -1, d), x[:, buf:])
+        return full + self.decoder_pos_embed_learned
+
+    def decoder_output(self, x: Tensor) -> Tensor:
+        """decoder_norm, drop the buffer, add the diffusion position embedding: z (B, L, D)."""
+        x = self.decoder_norm(x)
+        return x[:, self.cfg.buffer_size :] + self.diffusion_pos_embed_learned
+
+    def forward_decoder(self, x: Tensor, known_idx: Tensor) -> Tensor:
+        """Upstream `forward_mae_decoder`: all buffer + L positions, z for every position."""
+        x = self.decoder_input(x, known_idx)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_output(x)

@@ -1,0 +1,175 @@
+"""A loaded model ready to generate images: MAR + tokenizer on a device, by model name.
+
+`Pipeline.load("digits")` gives the shipped model; `Pipeline.load("mar_base", checkpoint=...,
+vae=...)` an official one; `random_weights=True` builds official sizes untrained (timing only:
+speed does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engine.checkpoint import load_strict, read_state_dict
+from engine.config import MAR_CONFIGS, MARConfig, SamplingParams
+from engine.digits import LABELS as DIGIT_LABELS
+from engine.model import MAR
+from engine.policy import DecodePolicy
+from engine.randomness import RequestRandomness
+from engine.sampler import StepInfo, sample_tokens
+from engine.tokenizer import KL16Tokenizer, PixelTokenizer, Tokenizer
+from engine.vae import KL16, AutoencoderKL, load_vae
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model name means: architecture, class labels, default sampling, shipped weights."""
+
+    config: MARConfig
+    labels: tuple[str, ...]
+    defaults: SamplingParams
+    weights: Path | None = None  # shipped with the package
+
+
+IMAGENET_LABELS = tuple(f"imagenet-{i}" for i in range(1000))
+MODELS: dict[str, ModelSpec] = {
+    "digits": ModelSpec(
+        MAR_CONFIGS["digits"],
+        DIGIT_LABELS,
+        SamplingParams(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0),
+        WEIGHTS_DIR / "digits.safetensors",
+    ),
+    # The README's evaluation settings (cfg 2.9 / 3.0 / 3.2, linear), at 64 steps.
+    "mar_base": ModelSpec(MAR_CONFIGS["mar_base"], IMAGENET_LABELS, SamplingParams(64, 2.9)),
+    "mar_large": ModelSpec(MAR_CONFIGS["mar_large"], IMAGENET_LABELS, SamplingParams(64, 3.0)),
+    "mar_huge": ModelSpec(MAR_CONFIGS["mar_huge"], IMAGENET_LABELS, SamplingParams(64, 3.2)),
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA by default, fp32 on CPU (the exactness reference)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(dtypes)} or auto")
+    return dtypes[dtype]
+
+
+def load_mar(cfg: MARConfig, path: str | Path, device: torch.device | str = "cpu") -> MAR:
+    """Build `cfg` and load an official `checkpoint-last.pth` (EMA preferred) or safetensors."""
+    state = read_state_dict(path, prefer=("model_ema", "model"))
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        model = MAR(cfg)
+    model = model.to_empty(device="cpu")
+    load_strict(model, {k: v.float() for k, v in state.items()}, what=f"checkpoint {path}")
+    return model.to(device).eval()
+
+
+class Pipeline:
+    def __init__(
+        self, name: str, model: MAR, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.name, self.spec = name, MODELS[name]
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.dtype = device, dtype
+
+    @classmethod
+    def load(
+        cls,
+        name: str = "digits",
+        checkpoint: str | Path | None = None,
+        vae: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        random_weights: bool = False,
+    ) -> Pipeline:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        spec, dev = MODELS[name], resolve_device(device)
+        cfg = spec.config
+        if random_weights:
+            model = MAR(cfg).to(dev).eval()
+        else:
+            path = checkpoint or spec.weights
+            if path is None:
+                raise ValueError(
+                    f"model {name} needs --checkpoint (official checkpoint-last.pth "
+                    "or .safetensors); use random weights only for timing"
+                )
+            model = load_mar(cfg, path, dev)
+        tokenizer: Tokenizer
+        if cfg.tokenizer == "pixels":
+            tokenizer = PixelTokenizer(cfg)
+        elif vae is not None:
+            tokenizer = KL16Tokenizer(cfg, load_vae(vae, KL16, dev))
+        elif random_weights:
+            tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
+        else:
+            raise ValueError(f"model {name} decodes through the KL-16 VAE: pass --vae kl16.ckpt")
+        return cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.cfg.class_num
+
+    def check_class_ids(self, class_ids: Sequence[int]) -> None:
+        for c in class_ids:
+            if not 0 <= int(c) < self.num_classes:
+                raise ValueError(
+                    f"class_id {c} is out of range for {self.name}: 0..{self.num_classes - 1}"
+                )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        class_ids: Sequence[int],
+        seeds: Sequence[int],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        policy: DecodePolicy | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> Tensor:
+        """Tokens (B, L, C) for one batch; one seed (and optionally params) per image."""
+        self.check_class_ids(class_ids)
+        if len(seeds) != len(class_ids):
+            raise ValueError("one seed per image is needed")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or self.spec.defaults] * len(class_ids)
+        cfg = self.model.cfg
+        randomness = RequestRandomness(
+            seeds,
+            cfg.seq_len,
+            cfg.token_embed_dim,
+            self.model.diffloss.gen_schedule.num_timesteps,
+            self.device,
+        )
+        labels = torch.tensor([int(c) for c in class_ids], dtype=torch.long, device=self.device)
+        with self.autocast():
+            return sample_tokens(self.model, labels, params, randomness, policy, on_step)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens -> images (B, ch, H, W), float in [-1, 1] (not yet clipped)."""
+        with self.autocast():
+            return self.tokenizer.decode(tokens).float()
+
+    def generate(self, class_ids: Sequence[int], seeds: Sequence[int], **kwargs) -> Tensor:
+        return self.decode(self.generate_tokens(class_ids, seeds, **kwargs))

@@ -1,0 +1,1 @@
+"""The `marche` command line: composes the engine (and, for `serve`, the service)."""

@@ -1,0 +1,3 @@
+from marche.cli import main
+
+main()

@@ -1,0 +1,224 @@
+"""`marche`: generate images, inspect models, and measure quality from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option(help="digits (shipped), mar_base, mar_large, mar_huge")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option(help="official checkpoint-last.pth or .safetensors (MAR models)")
+]
+VaeOpt = Annotated[Path | None, typer.Option(help="KL-16 VAE kl16.ckpt or .safetensors")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")]
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def step_progress(total: int) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@app.command()
+def generate(
+    class_id: Annotated[int, typer.Option(help="class to generate")] = 0,
+    num: Annotated[int, typer.Option(min=1, help="images to generate")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the first image; image i uses seed+i")] = 0,
+    cfg: Annotated[
+        float | None, typer.Option(help="guidance scale (model default if unset)")
+    ] = None,
+    cfg_schedule: Annotated[str | None, typer.Option(help="linear or constant")] = None,
+    steps: Annotated[int | None, typer.Option(help="autoregressive steps (num_iter)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="diffusion noise temperature")] = None,
+    mode: Annotated[str, typer.Option(help="decoding: mar (exact baseline)")] = "mar",
+    model: ModelOpt = "digits",
+    checkpoint: CheckpointOpt = None,
+    vae: VaeOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write")] = Path("grid.png"),
+    out_dir: Annotated[
+        Path | None, typer.Option(help="write one PNG per image here instead of a grid")
+    ] = None,
+    scale: Annotated[int, typer.Option(min=1, max=16, help="enlarge pixels by this factor")] = 1,
+) -> None:
+    """Generate class-conditional images with a progress bar over the decoding steps."""
+    from dataclasses import replace
+
+    from engine.checkpoint import CheckpointError
+    from engine.images import encode_image, images_to_uint8, make_grid
+    from engine.pipeline import Pipeline
+    from engine.policy import make_policy
+
+    try:
+        pipe = Pipeline.load(model, checkpoint=checkpoint, vae=vae, device=device, dtype=dtype)
+        pipe.check_class_ids([class_id])
+        overrides = {
+            "num_iter": steps,
+            "cfg": cfg,
+            "cfg_schedule": cfg_schedule,
+            "temperature": temperature,
+        }
+        params = replace(
+            pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        policy = make_policy(mode)
+    except (ValueError, CheckpointError) as exc:
+        raise fail(str(exc)) from None
+
+    seeds = [seed + i for i in range(num)]
+    label = pipe.spec.labels[class_id]
+    with step_progress(params.num_iter) as progress:
+        task = progress.add_task(
+            f"{model} class {class_id} ({label}) x{num}", total=params.num_iter
+        )
+        tokens = pipe.generate_tokens(
+            [class_id] * num,
+            seeds,
+            params,
+            policy,
+            on_step=lambda info: progress.update(task, completed=info.step + 1),
+        )
+    images = images_to_uint8(pipe.decode(tokens))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(seeds):
+            path = out_dir / f"class{class_id}_seed{s}.png"
+            path.write_bytes(encode_image(images[i], "png", scale))
+            out.print(f"image {i}: class {class_id} ({label}) seed {s} -> {path}", highlight=False)
+    else:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_bytes(encode_image(make_grid(images), "png", scale))
+        for i, s in enumerate(seeds):
+            out.print(f"image {i}: class {class_id} ({label}) seed {s}", highlight=False)
+        out.print(f"wrote {out_path} ({num} images, {params})", highlight=False)
+
+
+@app.command()
+def info(
+    model: Annotated[str | None, typer.Option(help="only this model")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Models known, device, dtype and parameter counts."""
+    import torch
+
+    from engine.model import MAR
+    from engine.pipeline import MODELS, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    out.print(
+        f"torch {torch.__version__}, device {dev}"
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+        + f", dtype {resolve_dtype(dtype, dev)}",
+        highlight=False,
+    )
+    table = Table(
+        "model",
+        "params",
+        "diffloss",
+        "enc/dec depth x width",
+        "tokens",
+        "classes",
+        "defaults",
+        "weights",
+    )
+    for name, spec in MODELS.items():
+        if model and name != model:
+            continue
+        cfg = spec.config
+        with torch.device("meta"):
+            net = MAR(cfg)
+        total = sum(p.numel() for p in net.parameters())
+        head = sum(p.numel() for p in net.diffloss.parameters())
+        d = spec.defaults
+        weights = "shipped" if spec.weights and spec.weights.is_file() else "--checkpoint"
+        table.add_row(
+            name,
+            f"{total:,}",
+            f"{head:,} ({cfg.diffloss_d}x{cfg.diffloss_w})",
+            f"{cfg.encoder_depth}/{cfg.decoder_depth} x {cfg.encoder_embed_dim}",
+            f"{cfg.seq_len} x {cfg.token_embed_dim}",
+            str(cfg.class_num),
+            f"steps {d.num_iter}, cfg {d.cfg} {d.cfg_schedule}, T {d.temperature}",
+            weights,
+        )
+    out.print(table)
+
+
+@app.command()
+def quality(
+    mode: Annotated[str, typer.Option(help="decoding policy")] = "mar",
+    num: Annotated[int, typer.Option(min=10, help="images to generate (class-balanced)")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
+    steps: Annotated[int | None, typer.Option(help="autoregressive steps")] = None,
+    cfg: Annotated[float | None, typer.Option(help="guidance scale")] = None,
+    temperature: Annotated[float | None, typer.Option(help="diffusion temperature")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 50,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """Quality of the shipped digits model against held-out real digits."""
+    from dataclasses import replace
+
+    from engine.pipeline import Pipeline
+    from engine.policy import make_policy
+    from engine.quality import evaluate
+
+    try:
+        pipe = Pipeline.load("digits", device="cpu")
+        policy = make_policy(mode)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    overrides = {"num_iter": steps, "cfg": cfg, "temperature": temperature}
+    params = replace(pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+    def gen(labels, seeds):
+        return pipe.generate(labels.tolist(), seeds, params=params, policy=policy)
+
+    with step_progress(num) as progress:
+        task = progress.add_task(f"digits quality ({mode}, {params})", total=num)
+        report = evaluate(
+            gen,
+            num=num,
+            seed=seed,
+            batch_size=batch_size,
+            progress=lambda done, total: progress.update(task, completed=done),
+        )
+    result = {"mode": mode, "params": params.__dict__, **report.to_dict()}
+    out.print_json(json.dumps(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

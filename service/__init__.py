@@ -1,0 +1,2 @@
+"""HTTP service for the MARché engine (FastAPI / Ray Serve). Depends on `engine`, never the
+reverse."""
