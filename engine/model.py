@@ -42,6 +42,62 @@ class Attention(nn.Module):
         q, k, v = self.qkv_heads(x)
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
 
+    # -- cache-aware paths (MARché). Caches are token-major (B, N, H, hd) tensors owned by the
+    # caller; slot n of a row holds the K/V of that row's token n.
+
+    def forward_fill(self, x: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Full attention over all N tokens, storing every token's K/V in the caches."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        k_cache.copy_(qkv[:, :, 1])
+        v_cache.copy_(qkv[:, :, 2])
+        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, N, hd)
+        out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        return self.merge_heads(out)
+
+    def forward_active(
+        self, x: Tensor, flat_slots: Tensor, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
+        """Cache-aware attention: only the active tokens x (B, n, D) get fresh Q/K/V.
+
+        Their K/V are written into their slots (flat_slots (B*n,) = row * N + slot); their
+        queries then attend over the whole cache: fresh K/V for active tokens, stored K/V for
+        cached ones. One SDPA call, exact for the given cache, no concatenation.
+        """
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        nk = k_cache.shape[1]
+        k_cache.view(b * nk, d).index_copy_(0, flat_slots, qkv[:, :, 1].reshape(b * n, d))
+        v_cache.view(b * nk, d).index_copy_(0, flat_slots, qkv[:, :, 2].reshape(b * n, d))
+        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, n, hd)
+        out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        return self.merge_heads(out)
+
+    def forward_prefix(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Cache-aware attention for tokens appended at slots [start, start + n): they attend
+        over the cache prefix [0, start + n) (the encoder's append-only cache)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        k_cache[:, start : start + n] = qkv[:, :, 1]
+        v_cache[:, start : start + n] = qkv[:, :, 2]
+        keys = k_cache[:, : start + n].transpose(1, 2)  # (B, H, start + n, hd)
+        values = v_cache[:, : start + n].transpose(1, 2)
+        q = qkv[:, :, 0].transpose(1, 2)
+        return self.merge_heads(F.scaled_dot_product_attention(q, keys, values))
+
+    def forward_scored(self, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Full attention, plus the attention each token receives from the queries at
+        query_idx (B, g): softmax probabilities (fp32), mean over heads, summed over queries.
+        Returns (output (B, N, D), scores (B, N))."""
+        q, k, v = self.qkv_heads(x)  # (B, H, N, hd)
+        out = self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+        q_gen = torch.gather(
+            q, 2, query_idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
+        )
+        logits = (q_gen.float() * self.head_dim**-0.5) @ k.float().transpose(-2, -1)  # (B,H,g,N)
+        scores = logits.softmax(dim=-1).mean(dim=1).sum(dim=1)  # (B, N)
+        return out, scores
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
@@ -67,6 +123,26 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_fill(self, x: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        x = x + self.attn.forward_fill(self.norm1(x), k_cache, v_cache)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_active(
+        self, x: Tensor, flat_slots: Tensor, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
+        """Active tokens only through attention (over the cache) and the MLP."""
+        x = x + self.attn.forward_active(self.norm1(x), flat_slots, k_cache, v_cache)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_prefix(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        x = x + self.attn.forward_prefix(self.norm1(x), start, k_cache, v_cache)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_scored(self, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
+        out, scores = self.attn.forward_scored(self.norm1(x), query_idx)
+        x = x + out
+        return x + self.mlp(self.norm2(x)), scores
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -176,6 +252,11 @@ class MAR(nn.Module):
         """decoder_norm, drop the buffer, add the diffusion position embedding: z (B, L, D)."""
         x = self.decoder_norm(x)
         return x[:, self.cfg.buffer_size :] + self.diffusion_pos_embed_learned
+
+    def decoder_output_at(self, x: Tensor, pos: Tensor) -> Tensor:
+        """`decoder_output` for image positions pos (B, k) whose hidden states are x (B, k, D)."""
+        pos_embed = self.diffusion_pos_embed_learned.expand(len(x), -1, -1)
+        return self.decoder_norm(x) + gather_tokens(pos_embed, pos)
 
     def forward_decoder(self, x: Tensor, known_idx: Tensor) -> Tensor:
         """Upstream `forward_mae_decoder`: all buffer + L positions, z for every position."""

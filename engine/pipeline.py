@@ -20,6 +20,7 @@ from engine.config import MAR_CONFIGS, MARConfig, SamplingParams
 from engine.digits import LABELS as DIGIT_LABELS
 from engine.model import MAR
 from engine.policy import DecodePolicy
+from engine.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.randomness import RequestRandomness
 from engine.sampler import StepInfo, sample_tokens
 from engine.tokenizer import KL16Tokenizer, PixelTokenizer, Tokenizer
@@ -146,6 +147,7 @@ class Pipeline:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         policy: DecodePolicy | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
+        timer: PhaseTimer | NullTimer = NULL_TIMER,
     ) -> Tensor:
         """Tokens (B, L, C) for one batch; one seed (and optionally params) per image."""
         self.check_class_ids(class_ids)
@@ -163,7 +165,7 @@ class Pipeline:
         )
         labels = torch.tensor([int(c) for c in class_ids], dtype=torch.long, device=self.device)
         with self.autocast():
-            return sample_tokens(self.model, labels, params, randomness, policy, on_step)
+            return sample_tokens(self.model, labels, params, randomness, policy, on_step, timer)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from engine import diffloss
 from engine.config import SamplingParams
 from engine.model import MAR
 from engine.policy import DecodePolicy, FullRecompute
+from engine.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.randomness import Randomness
 from engine.schedules import cfg_scale, step_plan
 
@@ -46,6 +47,7 @@ def sample_tokens(
     randomness: Randomness,
     policy: DecodePolicy | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    timer: PhaseTimer | NullTimer = NULL_TIMER,
 ) -> Tensor:
     """Generate tokens (B, L, C) for class labels (B,), one SamplingParams per row.
 
@@ -76,25 +78,30 @@ def sample_tokens(
     for s in plan:
         if s.num_pred == 0:
             continue
-        known_idx = orders[:, s.unknown_before :]  # (B, L - unknown): generated so far
+        # positions generated so far, oldest first: (B, L - unknown)
+        known_idx = orders[:, s.unknown_before :].flip(1)
         pred_idx = orders[:, s.unknown_before - s.num_pred : s.unknown_before]  # (B, k)
         x = torch.cat([tokens, tokens]) if guided else tokens
         idx = torch.cat([known_idx, known_idx]) if guided else known_idx
         pidx = torch.cat([pred_idx, pred_idx]) if guided else pred_idx
-        z = policy.condition(model, s.index, x, idx, pidx, class_embedding)  # (B', k, D)
+        with timer.phase("encoder"):
+            enc = policy.encode(model, s.index, x, idx, class_embedding)  # (B', buf + n, D)
+        with timer.phase("decoder"):
+            z = policy.decode(model, s.index, enc, idx, pidx)  # (B', k, D)
 
         k = s.num_pred
         x_T, step_noise = randomness.noise(s.index, pred_idx)  # (B, k, C), (T, B, k, C)
         row_cfg = cfg_table[s.index][:, None].repeat_interleave(k, dim=0)  # (B*k, 1)
-        sampled = diffloss.sample(
-            model.diffloss.net,
-            model.diffloss.gen_schedule,
-            z.reshape(-1, z.shape[-1]),  # (B'*k, D)
-            x_T.reshape(bsz * k, -1).float(),
-            step_noise.reshape(step_noise.shape[0], bsz * k, -1).float(),
-            temperature.repeat_interleave(k, dim=0),
-            row_cfg if guided else None,
-        )  # (B*k, C)
+        with timer.phase("diffusion_head"):
+            sampled = diffloss.sample(
+                model.diffloss.net,
+                model.diffloss.gen_schedule,
+                z.reshape(-1, z.shape[-1]),  # (B'*k, D)
+                x_T.reshape(bsz * k, -1).float(),
+                step_noise.reshape(step_noise.shape[0], bsz * k, -1).float(),
+                temperature.repeat_interleave(k, dim=0),
+                row_cfg if guided else None,
+            )  # (B*k, C)
         tokens.scatter_(
             1,
             pred_idx[..., None].expand(-1, -1, tokens.shape[-1]),

@@ -52,7 +52,7 @@ def generate(
     cfg_schedule: Annotated[str | None, typer.Option(help="linear or constant")] = None,
     steps: Annotated[int | None, typer.Option(help="autoregressive steps (num_iter)")] = None,
     temperature: Annotated[float | None, typer.Option(help="diffusion noise temperature")] = None,
-    mode: Annotated[str, typer.Option(help="decoding: mar (exact baseline)")] = "mar",
+    mode: Annotated[str, typer.Option(help="decoding: mar (exact baseline) or marche")] = "mar",
     model: ModelOpt = "digits",
     checkpoint: CheckpointOpt = None,
     vae: VaeOpt = None,
@@ -165,7 +165,7 @@ def info(
             f"steps {d.num_iter}, cfg {d.cfg} {d.cfg_schedule}, T {d.temperature}",
             weights,
         )
-    out.print(table)
+    Console(width=160).print(table)
 
 
 @app.command()
@@ -211,6 +211,67 @@ def quality(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def bench(
+    model: ModelOpt = "mar_base",
+    batch: Annotated[int, typer.Option(min=1, help="images per batch")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="autoregressive steps")] = 64,
+    cfg: Annotated[float, typer.Option(help="guidance scale (1.0 = no CFG)")] = 1.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    modes: Annotated[str, typer.Option(help="comma-separated: mar,marche")] = "mar,marche",
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per mode")] = 1,
+    budget: Annotated[int, typer.Option(help="MARché active-token budget")] = 64,
+    encoder: Annotated[str, typer.Option(help="MARché encoder: cache or full")] = "cache",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """Time generation per mode (s/image, per-phase seconds, MARché speedup)."""
+    from engine.bench import PHASES
+    from engine.bench import bench as run_bench
+    from engine.config import SamplingParams
+    from engine.marche import MarcheConfig
+
+    try:
+        mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+        report = run_bench(
+            model,
+            mode_list,
+            batch,
+            SamplingParams(steps, cfg),
+            device,
+            dtype,
+            repeats,
+            marche=MarcheConfig(budget=budget, encoder=encoder),
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    table = Table(
+        "mode",
+        "s/image",
+        *PHASES,
+        "active",
+        title=(
+            f"{model} on {report['device']} ({report['dtype']}), batch {batch}, {steps} steps, "
+            f"cfg {cfg}"
+        ),
+    )
+    for name, r in report["modes"].items():
+        ph = r["phases_s_per_image"]
+        frac = r["active_fraction"]
+        table.add_row(
+            name,
+            f"{r['s_per_image']:.3f}",
+            *(f"{ph[p]:.3f}" for p in PHASES),
+            "-" if frac is None else f"{frac:.2f}",
+        )
+    Console(width=130).print(table)
+    if "speedup" in report:
+        out.print(f"speedup (MAR / MARché): {report['speedup']:.2f}x", highlight=False)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:

@@ -138,8 +138,8 @@ class RecordingPolicy(FullRecompute):
     def __init__(self) -> None:
         self.z: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def condition(self, model, step, tokens, known_idx, pred_idx, class_embedding):
-        z = super().condition(model, step, tokens, known_idx, pred_idx, class_embedding)
+    def decode(self, model, step, enc, known_idx, pred_idx):
+        z = super().decode(model, step, enc, known_idx, pred_idx)
         self.z[step] = (z, pred_idx)
         return z
 

@@ -1,0 +1,191 @@
+"""MARché decoding (arXiv 2506.12035): cache-aware attention with selective KV refresh.
+
+Each step the decoder splits its buffer + L tokens into *active* and *cached* sets:
+
+* active = generating tokens (predicted this step) ∪ caching tokens (generated last step,
+  not yet in the cache) ∪ refreshing tokens (top-K by attention received from the
+  generating tokens at the selection layer), filled up to a fixed budget;
+* the first `selection_layer` decoder layers run full attention; the last of them scores;
+* later layers push only active tokens through QKV/attention/MLP; cached tokens contribute
+  their stored K/V (one SDPA over a token-major per-layer cache, no concatenation);
+* the first step, and every `refresh_period`-th step, is a full step that refills all caches.
+
+The encoder is a knob: "full" recomputes it (exact given the tokens, as baseline), "cache"
+keeps an append-only cache (as LazyMAR): only newly known tokens go through it between full
+steps. With a budget covering every token and a refresh each step, the output equals
+baseline MAR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.model import MAR, gather_tokens
+
+REFRESH_RULES = ("attention", "random", "low_attention")
+ENCODER_MODES = ("full", "cache")
+
+
+@dataclass(frozen=True)
+class MarcheConfig:
+    """MARché knobs, with the paper's defaults; the ablations are for the quality harness."""
+
+    budget: int = 64  # active tokens per image per step (generating + caching + refreshing)
+    selection_layer: int = 2  # 1-based decoder layer that scores; it and those before: full
+    refresh_period: int = 3  # a full step every R steps (the first step is always full)
+    encoder: str = "cache"  # "full" recompute, or "cache" (append-only)
+    caching_tokens: bool = True  # ablation: False leaves last step's tokens out of the set
+    refresh: str = "attention"  # ablations: "random", "low_attention"
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.selection_layer < 1 or self.refresh_period < 1:
+            raise ValueError("budget, selection_layer and refresh_period must be >= 1")
+        if self.refresh not in REFRESH_RULES:
+            raise ValueError(f"refresh must be one of {REFRESH_RULES}")
+        if self.encoder not in ENCODER_MODES:
+            raise ValueError(f"encoder must be one of {ENCODER_MODES}")
+
+
+def _flat_slots(slots: Tensor, num_slots: int) -> Tensor:
+    """(B, n) slots -> (B*n,) row-major indices into a (B*N, ...) view of a cache."""
+    rows = torch.arange(len(slots), device=slots.device)[:, None]
+    return (rows * num_slots + slots).flatten()
+
+
+class Marche:
+    """The MARché decoding policy (see module docstring). One instance per batch run."""
+
+    name = "marche"
+
+    def __init__(self, config: MarcheConfig | None = None, seed: int = 0) -> None:
+        self.config = config or MarcheConfig()
+        self.seed = seed  # only the "random" refresh ablation draws from it
+        self.stats: list[float] = []  # active-token fraction of each step (1.0 on full steps)
+
+    def begin(self, model: MAR, batch_size: int, num_iter: int) -> None:
+        if self.config.selection_layer > len(model.decoder_blocks):
+            raise ValueError(
+                f"selection_layer {self.config.selection_layer} > decoder depth "
+                f"{len(model.decoder_blocks)}"
+            )
+        self.dec_cache: list[tuple[Tensor, Tensor]] | None = None
+        self.enc_cache: list[tuple[Tensor, Tensor]] | None = None
+        self.enc_out: Tensor | None = None
+        self.enc_len = 0  # slots of enc_out / the encoder caches that are filled
+        self.prev_pred: Tensor | None = None
+        self.num_calls = 0
+        self.full = True
+        self.stats = []
+        self.generator: torch.Generator | None = None
+
+    # -- the policy protocol -------------------------------------------------------------------
+
+    def encode(
+        self, model: MAR, step: int, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor
+    ) -> Tensor:
+        # A full step refills every cache: the first call, every refresh_period-th call, or
+        # any call whose budget covers all tokens anyway (then MARché is exactly baseline).
+        covers_all = self.config.budget >= model.cfg.buffer_size + model.cfg.seq_len
+        self.full = covers_all or self.num_calls % self.config.refresh_period == 0
+        self.num_calls += 1
+        return self._encoder(model, tokens, known_idx, class_embedding, self.full)
+
+    def decode(
+        self, model: MAR, step: int, enc: Tensor, known_idx: Tensor, pred_idx: Tensor
+    ) -> Tensor:
+        x = model.decoder_input(enc, known_idx)  # (B', buffer + L, D)
+        z = self._decoder(model, x, pred_idx, self.full)
+        self.prev_pred = pred_idx
+        return z
+
+    # -- encoder ----------------------------------------------------------------------------------
+
+    def _encoder(
+        self, model: MAR, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor, full: bool
+    ) -> Tensor:
+        """Encoder output for buffer + known tokens, in slot order = generation order."""
+        if self.config.encoder == "full":
+            return model.forward_encoder(tokens, known_idx, class_embedding)
+        buf = model.cfg.buffer_size
+        if full or self.enc_out is None:
+            x = model.encoder_input(tokens, known_idx, class_embedding)
+            self.enc_cache = self._alloc(model.encoder_blocks, x, buf + model.cfg.seq_len)
+            n = x.shape[1]
+            for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
+                x = block.forward_fill(x, k[:, :n], v[:, :n])
+            out = model.encoder_norm(x)
+            self.enc_out = out.new_zeros(len(out), buf + model.cfg.seq_len, out.shape[-1])
+            self.enc_out[:, :n] = out
+            self.enc_len = n
+            return out
+        # append-only: tokens generated since the last call are the last columns of known_idx
+        start, end = self.enc_len, buf + known_idx.shape[1]
+        new_idx = known_idx[:, start - buf :]
+        x = model.encoder_input(tokens, new_idx, class_embedding)[:, buf:]  # new tokens only
+        for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
+            x = block.forward_prefix(x, start, k, v)
+        self.enc_out[:, start:end] = model.encoder_norm(x)
+        self.enc_len = end
+        return self.enc_out[:, :end]
+
+    def _alloc(self, blocks, x: Tensor, num_slots: int) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer token-major K/V caches (B', N, H, hd), allocated once per run."""
+        if len(blocks) == 0:
+            return []
+        attn = blocks[0].attn
+        shape = (len(x), num_slots, attn.num_heads, attn.head_dim)
+        dtype = attn.qkv(x[:1, :1]).dtype  # the autocast compute dtype
+        return [(x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)) for _ in blocks]
+
+    # -- decoder ----------------------------------------------------------------------------------
+
+    def _decoder(self, model: MAR, x: Tensor, pred_idx: Tensor, full: bool) -> Tensor:
+        cfg, buf = self.config, model.cfg.buffer_size
+        num_slots = x.shape[1]
+        blocks = model.decoder_blocks
+        sel = cfg.selection_layer
+        gen_slots = buf + pred_idx  # (B', k)
+        for block in blocks[: sel - 1]:
+            x = block(x)
+        x, scores = blocks[sel - 1].forward_scored(x, gen_slots)
+        late = blocks[sel:]
+        if full or self.dec_cache is None:
+            if self.dec_cache is None:
+                self.dec_cache = self._alloc(late, x, num_slots)
+            for block, (k, v) in zip(late, self.dec_cache, strict=True):
+                x = block.forward_fill(x, k, v)
+            self.stats.append(1.0)
+            return model.decoder_output_at(gather_tokens(x, gen_slots), pred_idx)
+
+        active = self._active_slots(scores, gen_slots, buf)  # (B', n_active), generating first
+        self.stats.append(active.shape[1] / num_slots)
+        flat = _flat_slots(active, num_slots)
+        x = gather_tokens(x, active)
+        for block, (k, v) in zip(late, self.dec_cache, strict=True):
+            x = block.forward_active(x, flat, k, v)
+        k_gen = pred_idx.shape[1]
+        return model.decoder_output_at(x[:, :k_gen], pred_idx)
+
+    def _active_slots(self, scores: Tensor, gen_slots: Tensor, buf: int) -> Tensor:
+        """[generating | caching | refreshing] slots per row: distinct, static count."""
+        cfg = self.config
+        forced = [gen_slots]
+        if cfg.caching_tokens and self.prev_pred is not None:
+            forced.append(buf + self.prev_pred)
+        forced_slots = torch.cat(forced, dim=1)  # (B', f) distinct: disjoint position sets
+        num_refresh = max(0, cfg.budget - forced_slots.shape[1])
+        num_refresh = min(num_refresh, scores.shape[1] - forced_slots.shape[1])
+        if num_refresh == 0:
+            return forced_slots
+        if cfg.refresh == "random":
+            if self.generator is None:
+                self.generator = torch.Generator(scores.device).manual_seed(self.seed)
+            scores = torch.rand(scores.shape, generator=self.generator, device=scores.device)
+        elif cfg.refresh == "low_attention":
+            scores = -scores
+        scores = scores.scatter(1, forced_slots, float("-inf"))  # never pick forced ones twice
+        refresh = scores.topk(num_refresh, dim=1).indices  # (B', K)
+        return torch.cat([forced_slots, refresh], dim=1)

@@ -1,0 +1,116 @@
+"""The `marche` command line with the shipped digits model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from marche.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_writes_a_grid_and_prints_seeds(tmp_path):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--class-id",
+            "7",
+            "--num",
+            "2",
+            "--seed",
+            "5",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "image 0: class 7 (7) seed 5" in result.output
+    assert "image 1: class 7 (7) seed 6" in result.output
+    image = Image.open(out)
+    assert image.size == (2 * 34 + 2, 36)  # two 32x32 digits in one row, 2 px padding
+
+
+def test_generate_out_dir_one_file_per_image(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--class-id",
+            "1",
+            "--num",
+            "2",
+            "--steps",
+            "4",
+            "--mode",
+            "marche",
+            "--out-dir",
+            str(tmp_path),
+            "--scale",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert files == ["class1_seed0.png", "class1_seed1.png"]
+    assert Image.open(tmp_path / files[0]).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--class-id", "12"], "class_id 12 is out of range for digits: 0..9"),
+        (["--model", "mar_base"], "needs --checkpoint"),
+        (["--model", "mar_base", "--checkpoint", "/nope/checkpoint-last.pth"], "not found"),
+        (["--mode", "fast"], "unknown mode"),
+        (["--cfg-schedule", "cosine"], "cfg_schedule"),
+        (["--cfg", "nan"], "cfg must be"),
+    ],
+)
+def test_errors_exit_nonzero_with_one_clear_line(args, message):
+    result = runner.invoke(app, ["generate", "--num", "1", "--steps", "2", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_info_lists_models_with_parameter_counts():
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    for name in ("digits", "mar_base", "mar_large", "mar_huge"):
+        assert name in result.output
+    assert "207,924,768" in result.output  # MAR-B, exactly as released
+
+
+def test_bench_json_has_speedup_and_phases(tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "digits",
+            "--batch",
+            "1",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert set(report["modes"]) == {"mar", "marche"}
+    assert report["speedup"] > 0
+    for mode in report["modes"].values():
+        assert mode["s_per_image"] > 0
+        assert set(mode["phases_s_per_image"]) == {"encoder", "decoder", "diffusion_head", "vae"}

@@ -1,0 +1,131 @@
+"""MARché decoding: exact when every token is active, a real approximation otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import MAR_DIGITS, MAR_TINY, SamplingParams
+from engine.marche import Marche, MarcheConfig
+from engine.model import MAR
+from engine.policy import make_policy
+from engine.randomness import RequestRandomness
+from engine.sampler import sample_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(ref) -> MAR:
+    model = MAR(MAR_TINY).eval()
+    model.load_state_dict(load_file(str(ref / "tiny_weights_perturbed.safetensors")))
+    return model
+
+
+@pytest.fixture(scope="module")
+def deep() -> MAR:
+    """A random digits-shaped model: 256 tokens, 3 decoder layers (room for cached layers)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(MAR_DIGITS, encoder_depth=2, decoder_depth=4)
+    model = MAR(cfg).eval()
+    with torch.no_grad():  # upstream init zeroes the head; give it something to say
+        for p in model.diffloss.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def run(model: MAR, policy, params: SamplingParams, classes=(3, 5), seeds=(1, 2)):
+    rng = RequestRandomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    return sample_tokens(model, torch.tensor(classes), [params] * len(classes), rng, policy)
+
+
+GUIDED = SamplingParams(num_iter=8, cfg=3.0)
+PLAIN = SamplingParams(num_iter=16, cfg=1.0)
+
+
+@pytest.mark.parametrize("params", [GUIDED, PLAIN], ids=["cfg3", "cfg1"])
+@pytest.mark.parametrize("encoder", ["full", "cache"])
+def test_budget_covering_all_tokens_equals_baseline(tiny, params, encoder):
+    baseline = run(tiny, make_policy("mar"), params)
+    all_tokens = tiny.cfg.buffer_size + tiny.cfg.seq_len
+    cfg = MarcheConfig(budget=all_tokens, selection_layer=1, refresh_period=100, encoder=encoder)
+    policy = Marche(cfg)
+    out = run(tiny, policy, params)
+    torch.testing.assert_close(out, baseline, atol=1e-5, rtol=1e-5)
+    assert policy.stats and all(f == 1.0 for f in policy.stats)
+
+
+@pytest.mark.parametrize("encoder", ["full", "cache"])
+def test_refresh_every_step_equals_baseline(deep, encoder):
+    baseline = run(deep, make_policy("mar"), GUIDED)
+    policy = Marche(MarcheConfig(budget=8, refresh_period=1, encoder=encoder))
+    torch.testing.assert_close(run(deep, policy, GUIDED), baseline, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_aware_attention_equals_full_attention_when_all_active(deep):
+    """One decoder layer: active path over a cache holding every token's fresh K/V."""
+    block = deep.decoder_blocks[2]
+    x = torch.randn(2, 272, 96)
+    k_cache = torch.empty(2, 272, 4, 24)
+    v_cache = torch.empty_like(k_cache)
+    perm = torch.stack([torch.randperm(272) for _ in range(2)])  # any slot order
+    flat = (torch.arange(2)[:, None] * 272 + perm).flatten()
+    with torch.no_grad():
+        full = block(x)
+        active = block.forward_active(
+            torch.gather(x, 1, perm[..., None].expand(-1, -1, 96)), flat, k_cache, v_cache
+        )
+    expected = torch.gather(full, 1, perm[..., None].expand(-1, -1, 96))
+    torch.testing.assert_close(active, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_default_marche_is_an_approximation_with_a_smaller_active_set(deep):
+    baseline = run(deep, make_policy("mar"), SamplingParams(num_iter=32, cfg=3.0))
+    policy = make_policy("marche")
+    out = run(deep, policy, SamplingParams(num_iter=32, cfg=3.0))
+    diff = (out - baseline).abs().max().item()
+    assert diff > 1e-4  # cached K/V really are reused
+    fractions = policy.stats
+    assert fractions[0] == 1.0 and fractions[3] == 1.0  # first step and every 3rd: full
+    assert all(f == 64 / 272 for i, f in enumerate(fractions) if i % 3)  # fixed budget
+
+
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        MarcheConfig(caching_tokens=False),
+        MarcheConfig(refresh="random"),
+        MarcheConfig(refresh="low_attention"),
+        MarcheConfig(encoder="full"),
+        MarcheConfig(selection_layer=1, budget=32),
+    ],
+    ids=["no-caching-tokens", "random-refresh", "low-attention-refresh", "encoder-full", "l1-b32"],
+)
+def test_ablations_run_and_differ_from_default(deep, ablation):
+    params = SamplingParams(num_iter=16, cfg=3.0)
+    default = run(deep, Marche(), params)
+    out = run(deep, Marche(ablation), params)
+    assert out.shape == default.shape and torch.isfinite(out).all()
+    assert (out - default).abs().max() > 0
+
+
+def test_active_set_is_distinct_and_starts_with_generating_tokens():
+    policy = Marche(MarcheConfig(budget=6))
+    policy.prev_pred = torch.tensor([[4, 9]])
+    scores = torch.zeros(1, 20)
+    scores[0, [3, 7, 12, 14]] = torch.tensor([0.5, 0.9, 0.7, 0.1])
+    scores[0, 2 + 9] = 5.0  # a caching token with high attention must not be picked twice
+    gen = torch.tensor([[2 + 1, 2 + 5]])
+    active = policy._active_slots(scores, gen, buf=2)
+    # generating [3, 7], caching [6, 11], then the top-2 of the rest: 12 (0.7), 14 (0.1)
+    assert active.tolist() == [[3, 7, 6, 11, 12, 14]]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MarcheConfig(refresh="sometimes")
+    with pytest.raises(ValueError):
+        MarcheConfig(budget=0)
+    with pytest.raises(ValueError, match="mode"):
+        make_policy("fast")
