@@ -301,3 +301,15 @@ def evaluate(
         diversity_ratio=gen_div / real_div if real_div > 0 else float("nan"),
         seconds=seconds,
     )
+
+
+def psnr(images: Tensor, reference: Tensor, max_db: float = 100.0) -> Tensor:
+    """Per-image PSNR (dB) of uint8-quantised images (N, C, H, W) in [-1, 1] vs a reference.
+
+    Identical images (MSE 0) are reported as `max_db` so the mean stays finite.
+    """
+    a = torch.round((images.float().clamp(-1, 1) + 1) * 127.5)
+    b = torch.round((reference.float().clamp(-1, 1) + 1) * 127.5)
+    mse = ((a - b) ** 2).flatten(1).mean(dim=1)
+    db = 10 * torch.log10(255.0**2 / mse.clamp(min=1e-12))
+    return torch.where(mse == 0, torch.full_like(db, max_db), db.clamp(max=max_db))

@@ -25,6 +25,27 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")]
 
 
+BudgetOpt = Annotated[int, typer.Option(help="MARché: active tokens per image per step")]
+SelectionOpt = Annotated[int, typer.Option(help="MARché: scoring decoder layer (1-based)")]
+PeriodOpt = Annotated[int, typer.Option(help="MARché: full refresh every R steps")]
+EncoderOpt = Annotated[str, typer.Option(help="MARché encoder: cache or full")]
+RefreshOpt = Annotated[str, typer.Option(help="MARché refresh: attention, random, low_attention")]
+CachingOpt = Annotated[bool, typer.Option(help="MARché: include last step's tokens")]
+
+
+def marche_config(budget, selection_layer, refresh_period, encoder, refresh, caching_tokens):
+    from engine.marche import MarcheConfig
+
+    return MarcheConfig(
+        budget=budget,
+        selection_layer=selection_layer,
+        refresh_period=refresh_period,
+        encoder=encoder,
+        caching_tokens=caching_tokens,
+        refresh=refresh,
+    )
+
+
 def fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code=2)
@@ -63,6 +84,10 @@ def generate(
         Path | None, typer.Option(help="write one PNG per image here instead of a grid")
     ] = None,
     scale: Annotated[int, typer.Option(min=1, max=16, help="enlarge pixels by this factor")] = 1,
+    budget: BudgetOpt = 64,
+    selection_layer: SelectionOpt = 2,
+    refresh_period: PeriodOpt = 3,
+    encoder: EncoderOpt = "cache",
 ) -> None:
     """Generate class-conditional images with a progress bar over the decoding steps."""
     from dataclasses import replace
@@ -84,7 +109,8 @@ def generate(
         params = replace(
             pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None}
         )
-        policy = make_policy(mode)
+        knobs = marche_config(budget, selection_layer, refresh_period, encoder, "attention", True)
+        policy = make_policy(mode, knobs)
     except (ValueError, CheckpointError) as exc:
         raise fail(str(exc)) from None
 
@@ -178,6 +204,15 @@ def quality(
     temperature: Annotated[float | None, typer.Option(help="diffusion temperature")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 50,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    psnr_vs_mar: Annotated[
+        bool, typer.Option(help="also run exact MAR on the same seeds; report mean PSNR")
+    ] = False,
+    budget: BudgetOpt = 64,
+    selection_layer: SelectionOpt = 2,
+    refresh_period: PeriodOpt = 3,
+    encoder: EncoderOpt = "cache",
+    refresh: RefreshOpt = "attention",
+    caching_tokens: CachingOpt = True,
 ) -> None:
     """Quality of the shipped digits model against held-out real digits."""
     from dataclasses import replace
@@ -188,14 +223,26 @@ def quality(
 
     try:
         pipe = Pipeline.load("digits", device="cpu")
-        policy = make_policy(mode)
+        knobs = marche_config(
+            budget, selection_layer, refresh_period, encoder, refresh, caching_tokens
+        )
+        policy = make_policy(mode, knobs)
+        overrides = {"num_iter": steps, "cfg": cfg, "temperature": temperature}
+        params = replace(
+            pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None}
+        )
     except ValueError as exc:
         raise fail(str(exc)) from None
-    overrides = {"num_iter": steps, "cfg": cfg, "temperature": temperature}
-    params = replace(pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None})
+    psnrs: list[float] = []
 
     def gen(labels, seeds):
-        return pipe.generate(labels.tolist(), seeds, params=params, policy=policy)
+        images = pipe.generate(labels.tolist(), seeds, params=params, policy=policy)
+        if psnr_vs_mar:
+            from engine.quality import psnr
+
+            baseline = pipe.generate(labels.tolist(), seeds, params=params)
+            psnrs.extend(psnr(images, baseline).tolist())
+        return images
 
     with step_progress(num) as progress:
         task = progress.add_task(f"digits quality ({mode}, {params})", total=num)
@@ -207,6 +254,10 @@ def quality(
             progress=lambda done, total: progress.update(task, completed=done),
         )
     result = {"mode": mode, "params": params.__dict__, **report.to_dict()}
+    if mode == "marche":
+        result["marche"] = knobs.__dict__
+    if psnrs:
+        result["psnr_vs_mar_db"] = sum(psnrs) / len(psnrs)
     out.print_json(json.dumps(result))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +274,10 @@ def bench(
     dtype: DtypeOpt = "auto",
     modes: Annotated[str, typer.Option(help="comma-separated: mar,marche")] = "mar,marche",
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per mode")] = 1,
-    budget: Annotated[int, typer.Option(help="MARché active-token budget")] = 64,
-    encoder: Annotated[str, typer.Option(help="MARché encoder: cache or full")] = "cache",
+    budget: BudgetOpt = 64,
+    selection_layer: SelectionOpt = 2,
+    refresh_period: PeriodOpt = 3,
+    encoder: EncoderOpt = "cache",
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Time generation per mode (s/image, per-phase seconds, MARché speedup)."""

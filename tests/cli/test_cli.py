@@ -114,3 +114,31 @@ def test_bench_json_has_speedup_and_phases(tmp_path):
     for mode in report["modes"].values():
         assert mode["s_per_image"] > 0
         assert set(mode["phases_s_per_image"]) == {"encoder", "decoder", "diffusion_head", "vae"}
+
+
+def test_quality_marche_with_psnr_vs_mar(tmp_path):
+    path = tmp_path / "q.json"
+    result = runner.invoke(
+        app,
+        [
+            "quality",
+            "--mode",
+            "marche",
+            "--num",
+            "10",
+            "--steps",
+            "2",
+            "--budget",
+            "32",
+            "--refresh",
+            "random",
+            "--psnr-vs-mar",
+            "--json",
+            str(path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert report["num_images"] == 10 and 0 <= report["accuracy"] <= 1
+    assert report["marche"]["budget"] == 32 and report["marche"]["refresh"] == "random"
+    assert 0 < report["psnr_vs_mar_db"] <= 100

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,14 @@ def test_evaluate_defaults_use_the_cached_classifier(classifier):
     report = evaluate(lambda labels, seeds: torch.full((len(seeds), 1, 32, 32), -1.0), num=20)
     assert report.num_images == 20 and report.classifier_test_accuracy >= 0.97
     assert report.diversity_ratio == 0.0
+
+
+def test_psnr_table():
+    from engine.quality import psnr
+
+    a = torch.full((2, 1, 4, 4), -1.0)
+    b = a.clone()
+    b[1, 0, 0, 0] = 1.0  # one pixel 0 -> 255 out of 16: MSE = 255^2 / 16
+    db = psnr(b, a)
+    assert db[0].item() == 100.0  # identical images
+    assert abs(db[1].item() - 10 * math.log10(16)) < 1e-4
