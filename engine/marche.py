@@ -112,12 +112,15 @@ class Marche:
         buf = model.cfg.buffer_size
         if full or self.enc_out is None:
             x = model.encoder_input(tokens, known_idx, class_embedding)
-            self.enc_cache = self._alloc(model.encoder_blocks, x, buf + model.cfg.seq_len)
+            num_slots = buf + model.cfg.seq_len
+            if self.enc_cache is None:  # once per run; full steps overwrite in place
+                self.enc_cache = self._alloc(model.encoder_blocks, x, num_slots)
             n = x.shape[1]
             for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
                 x = block.forward_fill(x, k[:, :n], v[:, :n])
             out = model.encoder_norm(x)
-            self.enc_out = out.new_zeros(len(out), buf + model.cfg.seq_len, out.shape[-1])
+            if self.enc_out is None:
+                self.enc_out = out.new_empty(len(out), num_slots, out.shape[-1])
             self.enc_out[:, :n] = out
             self.enc_len = n
             return out
