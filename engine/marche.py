@@ -127,7 +127,7 @@ class Marche:
         # append-only: tokens generated since the last call are the last columns of known_idx
         start, end = self.enc_len, buf + known_idx.shape[1]
         new_idx = known_idx[:, start - buf :]
-        x = model.encoder_input(tokens, new_idx, class_embedding)[:, buf:]  # new tokens only
+        x = model.embed_known(tokens, new_idx)  # the new tokens only
         for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
             x = block.forward_prefix(x, start, k, v)
         self.enc_out[:, start:end] = model.encoder_norm(x)
@@ -140,7 +140,8 @@ class Marche:
             return []
         attn = blocks[0].attn
         shape = (len(x), num_slots, attn.num_heads, attn.head_dim)
-        dtype = attn.qkv(x[:1, :1]).dtype  # the autocast compute dtype
+        device = x.device.type  # K/V come out of qkv in the autocast dtype, if any
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         return [(x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)) for _ in blocks]
 
     # -- decoder ----------------------------------------------------------------------------------
@@ -153,9 +154,9 @@ class Marche:
         gen_slots = buf + pred_idx  # (B', k)
         for block in blocks[: sel - 1]:
             x = block(x)
-        x, scores = blocks[sel - 1].forward_scored(x, gen_slots)
         late = blocks[sel:]
-        if full or self.dec_cache is None:
+        if full or self.dec_cache is None:  # no selection on a full step: skip the scoring
+            x = blocks[sel - 1](x)
             if self.dec_cache is None:
                 self.dec_cache = self._alloc(late, x, num_slots)
             for block, (k, v) in zip(late, self.dec_cache, strict=True):
@@ -163,6 +164,7 @@ class Marche:
             self.stats.append(1.0)
             return model.decoder_output_at(gather_tokens(x, gen_slots), pred_idx)
 
+        x, scores = blocks[sel - 1].forward_scored(x, gen_slots)
         active = self._active_slots(scores, gen_slots, buf)  # (B', n_active), generating first
         self.stats.append(active.shape[1] / num_slots)
         flat = _flat_slots(active, num_slots)

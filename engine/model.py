@@ -45,13 +45,17 @@ class Attention(nn.Module):
     # -- cache-aware paths (MARché). Caches are token-major (B, N, H, hd) tensors owned by the
     # caller; slot n of a row holds the K/V of that row's token n.
 
+    def qkv_tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, n, hd) for SDPA; k, v token-major (B, n, H, hd), the cache layout."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        return q.transpose(1, 2), k, v
+
     def forward_fill(self, x: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Full attention over all N tokens, storing every token's K/V in the caches."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        k_cache.copy_(qkv[:, :, 1])
-        v_cache.copy_(qkv[:, :, 2])
-        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, N, hd)
+        q, k, v = self.qkv_tokens(x)
+        k_cache.copy_(k)
+        v_cache.copy_(v)
         out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
         return self.merge_heads(out)
 
@@ -65,24 +69,22 @@ class Attention(nn.Module):
         cached ones. One SDPA call, exact for the given cache, no concatenation.
         """
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = self.qkv_tokens(x)
         nk = k_cache.shape[1]
-        k_cache.view(b * nk, d).index_copy_(0, flat_slots, qkv[:, :, 1].reshape(b * n, d))
-        v_cache.view(b * nk, d).index_copy_(0, flat_slots, qkv[:, :, 2].reshape(b * n, d))
-        q = qkv[:, :, 0].transpose(1, 2)  # (B, H, n, hd)
+        k_cache.view(b * nk, d).index_copy_(0, flat_slots, k.reshape(b * n, d))
+        v_cache.view(b * nk, d).index_copy_(0, flat_slots, v.reshape(b * n, d))
         out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
         return self.merge_heads(out)
 
     def forward_prefix(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Cache-aware attention for tokens appended at slots [start, start + n): they attend
         over the cache prefix [0, start + n) (the encoder's append-only cache)."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        k_cache[:, start : start + n] = qkv[:, :, 1]
-        v_cache[:, start : start + n] = qkv[:, :, 2]
-        keys = k_cache[:, : start + n].transpose(1, 2)  # (B, H, start + n, hd)
-        values = v_cache[:, : start + n].transpose(1, 2)
-        q = qkv[:, :, 0].transpose(1, 2)
+        q, k, v = self.qkv_tokens(x)
+        end = start + x.shape[1]
+        k_cache[:, start:end] = k
+        v_cache[:, start:end] = v
+        keys = k_cache[:, :end].transpose(1, 2)  # (B, H, end, hd)
+        values = v_cache[:, :end].transpose(1, 2)
         return self.merge_heads(F.scaled_dot_product_attention(q, keys, values))
 
     def forward_scored(self, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,17 +221,22 @@ class MAR(nn.Module):
             emb = torch.cat([emb, self.fake_latent.expand(len(labels), -1)])
         return emb
 
+    def embed_known(self, tokens: Tensor, known_idx: Tensor) -> Tensor:
+        """Known tokens projected, + their position embedding, LN: (B, n, D)."""
+        pos = self.encoder_pos_embed_learned.expand(len(tokens), -1, -1)
+        x = self.z_proj(gather_tokens(tokens, known_idx))  # (B, n, D)
+        return self.z_proj_ln(x + gather_tokens(pos, self.cfg.buffer_size + known_idx))
+
     def encoder_input(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
         """Buffer slots (all the class embedding) then the known tokens, + pos embed, LN.
 
         tokens (B, L, C), known_idx (B, n), class_embedding (B, D) -> (B, buffer + n, D)
         """
-        buf = self.cfg.buffer_size
-        pos = self.encoder_pos_embed_learned
-        x_known = self.z_proj(gather_tokens(tokens, known_idx))  # (B, n, D)
-        x_known = x_known + gather_tokens(pos.expand(len(tokens), -1, -1), buf + known_idx)
-        x_buf = class_embedding[:, None, :] + pos[:, :buf]  # (B, buffer, D)
-        return self.z_proj_ln(torch.cat([x_buf.to(x_known.dtype), x_known], dim=1))
+        x_known = self.embed_known(tokens, known_idx)
+        x_buf = (
+            class_embedding[:, None, :] + self.encoder_pos_embed_learned[:, : self.cfg.buffer_size]
+        )
+        return torch.cat([self.z_proj_ln(x_buf).to(x_known.dtype), x_known], dim=1)
 
     def forward_encoder(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
         """Upstream `forward_mae_encoder`: only the buffer and the known tokens are seen."""
