@@ -32,7 +32,16 @@ def cosine_betas(num_steps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) 
 
 
 def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
-    """Upstream's respacing: which base steps a "100"-style spec keeps (banker's rounding)."""
+    """Upstream's respacing: which base steps a "100"-style spec keeps (banker's rounding).
+
+    "ddimN" keeps every k-th step from 0 (k chosen so N remain), as upstream's DDIM option.
+    """
+    if section_counts.startswith("ddim"):
+        desired = int(section_counts[len("ddim") :])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot keep exactly {desired} of {num_timesteps} steps with a stride")
     counts = [int(x) for x in section_counts.split(",")]
     size_per = num_timesteps // len(counts)
     extra = num_timesteps % len(counts)

@@ -101,6 +101,18 @@ class Marche:
         self.prev_pred = pred_idx
         return z
 
+    def select(self, rows: Tensor) -> None:
+        """Retire rows: every per-batch cache keeps only `rows` (B' indexing, both CFG halves)."""
+
+        def pick(caches: list[tuple[Tensor, Tensor]] | None) -> list[tuple[Tensor, Tensor]] | None:
+            return None if caches is None else [(k[rows], v[rows]) for k, v in caches]
+
+        self.dec_cache, self.enc_cache = pick(self.dec_cache), pick(self.enc_cache)
+        if self.enc_out is not None:
+            self.enc_out = self.enc_out[rows]
+        if self.prev_pred is not None:
+            self.prev_pred = self.prev_pred[rows]
+
     # -- encoder ----------------------------------------------------------------------------------
 
     def _encoder(

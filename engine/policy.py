@@ -39,6 +39,10 @@ class DecodePolicy(Protocol):
         """Conditions z (B', k, D) for the positions pred_idx (B', k) predicted this step."""
         ...
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows of every per-batch state (B' rows, both CFG halves)."""
+        ...
+
 
 class FullRecompute:
     """Baseline MAR: full encoder and decoder passes every step."""
@@ -58,6 +62,9 @@ class FullRecompute:
     ) -> Tensor:
         z = model.forward_decoder(enc, known_idx)  # (B', L, D)
         return gather_tokens(z, pred_idx)
+
+    def select(self, rows: Tensor) -> None:
+        pass  # stateless
 
 
 MODES = ("mar", "marche")

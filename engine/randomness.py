@@ -32,6 +32,10 @@ class Randomness(Protocol):
         """
         ...
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (requests retired mid-run leave the batch)."""
+        ...
+
 
 class RequestRandomness:
     """Per-request generators on the sampling device."""
@@ -60,3 +64,6 @@ class RequestRandomness:
             [torch.randn(shape, generator=g, device=self.device) for g in self.generators]
         )
         return draws[:, 0], draws[:, 1:].transpose(0, 1)
+
+    def select(self, rows: Tensor) -> None:
+        self.generators = [self.generators[i] for i in rows.tolist()]

@@ -46,13 +46,18 @@ def sample_tokens(
     params: Sequence[SamplingParams],
     randomness: Randomness,
     policy: DecodePolicy | None = None,
-    on_step: Callable[[StepInfo], None] | None = None,
+    on_step: Callable[[StepInfo], Sequence[bool] | None] | None = None,
     timer: PhaseTimer | NullTimer = NULL_TIMER,
 ) -> Tensor:
     """Generate tokens (B, L, C) for class labels (B,), one SamplingParams per row.
 
     Rows share `num_iter`; cfg, cfg_schedule and temperature may differ per row. The batch
     is doubled with the null class if any row is guided (cfg != 1).
+
+    `on_step` may return a keep-mask over the current rows (host booleans, e.g. requests whose
+    client went away): dropped rows leave the batch before the next step and are absent from
+    the result, which then holds the surviving rows in order. Survivors are unaffected: every
+    row owns its randomness and its slice of the policy's caches.
     """
     policy = policy or FullRecompute()
     cfg = model.cfg
@@ -107,6 +112,18 @@ def sample_tokens(
             pred_idx[..., None].expand(-1, -1, tokens.shape[-1]),
             sampled.view(bsz, k, -1).to(tokens.dtype),
         )
+        keep = None
         if on_step is not None:
-            on_step(StepInfo(s.index, num_iter, seq_len - s.unknown_before + k, seq_len, tokens))
-    return tokens
+            info = StepInfo(s.index, num_iter, seq_len - s.unknown_before + k, seq_len, tokens)
+            keep = on_step(info)
+        if keep is not None and not all(keep):  # retire rows between steps
+            rows = torch.tensor([i for i, kept in enumerate(keep) if kept], device=device)
+            rows2 = torch.cat([rows, rows + bsz]) if guided else rows  # both CFG halves
+            bsz = len(rows)
+            if bsz == 0:
+                break
+            tokens, orders, temperature = tokens[rows], orders[rows], temperature[rows]
+            cfg_table, class_embedding = cfg_table[:, rows], class_embedding[rows2]
+            randomness.select(rows)
+            policy.select(rows2)
+    return tokens[:bsz]

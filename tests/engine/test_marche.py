@@ -129,3 +129,35 @@ def test_config_validation():
         MarcheConfig(budget=0)
     with pytest.raises(ValueError, match="mode"):
         make_policy("fast")
+
+
+@pytest.mark.parametrize("mode", ["mar", "marche"])
+@pytest.mark.parametrize("params", [GUIDED, PLAIN], ids=["cfg3", "cfg1"])
+def test_retiring_a_row_mid_run_leaves_its_batch_mates_unchanged(deep, mode, params):
+    classes, seeds = (3, 5, 7), (1, 2, 3)
+    full = run(deep, make_policy(mode), params, classes, seeds)
+    drop_after = 2
+
+    def on_step(info):
+        return [True, False, True] if info.step == drop_after else None
+
+    rng = RequestRandomness(seeds, deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    out = sample_tokens(
+        deep, torch.tensor(classes), [params] * 3, rng, make_policy(mode), on_step=on_step
+    )
+    assert out.shape[0] == 2
+    torch.testing.assert_close(out, full[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_retiring_every_row_stops_the_run(deep):
+    steps = []
+
+    def on_step(info):
+        steps.append(info.step)
+        return [False, False]
+
+    rng = RequestRandomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    out = sample_tokens(
+        deep, torch.tensor((3, 5)), [GUIDED] * 2, rng, make_policy("marche"), on_step=on_step
+    )
+    assert out.shape[0] == 0 and steps == [0]

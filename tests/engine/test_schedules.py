@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from engine.diffusion import space_timesteps
 from engine.schedules import cfg_scale, mask_len, step_plan
 
 
@@ -89,3 +90,16 @@ def test_cfg_scale_table(cfg, schedule, mask_len_, expected):
 def test_unknown_cfg_schedule_is_rejected():
     with pytest.raises(ValueError, match="cfg_schedule"):
         cfg_scale(3.0, "cosine", 10, 256)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("ddim50", list(range(0, 1000, 20))), ("ddim100", list(range(0, 1000, 10)))],
+)
+def test_ddim_respacing_keeps_every_kth_step_from_zero(spec, expected):
+    assert space_timesteps(1000, spec) == expected
+
+
+def test_ddim_respacing_that_no_stride_gives_is_refused():
+    with pytest.raises(ValueError, match="cannot keep exactly"):
+        space_timesteps(1000, "ddim999")

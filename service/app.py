@@ -1,0 +1,259 @@
+"""The FastAPI app: `build_app(settings, client)`; the same app runs under uvicorn and Ray Serve.
+
+No Ray import here. Under uvicorn `client` is a `LocalEngineClient` started by the lifespan
+hook; under Ray Serve, `service.ray_app` passes a client that calls the engine deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from engine.config import SamplingParams
+from engine.images import encode_image, make_grid
+from service.engine_client import EngineClient, EngineRequest, LocalEngineClient
+from service.metrics import Metrics, PrometheusBackend
+from service.schemas import MAX_SEED, MEDIA_TYPES, GenerateRequest, GenerateResponse
+from service.settings import ServiceSettings
+from service.worker import EngineError, JobCancelled, JobResult, QueueFull
+
+TIMEOUT_HEADER = "x-request-timeout-seconds"
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
+
+
+def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
+    )
+
+
+def build_app(
+    settings: ServiceSettings | None = None,
+    client: EngineClient | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The app. Without `client`, it loads the model and runs the engine in-process."""
+    settings = settings or ServiceSettings()
+    backend = PrometheusBackend() if metrics is None else None
+    metrics = metrics or Metrics(backend, settings.model)
+    local = client is None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if local:
+            engine = LocalEngineClient(settings, metrics)
+            engine.start()
+            app.state.client = engine
+        app.state.info = await app.state.client.info()
+        yield
+        if local:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(
+        title="MARché Serve",
+        description="Class-conditional image generation with MAR and MARché decoding.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
+
+    def engine_request(body: GenerateRequest, request: Request) -> EngineRequest:
+        info = app.state.info
+        if not 0 <= body.class_id < info["num_classes"]:
+            raise _invalid(
+                "class_id",
+                f"class_id must be in 0..{info['num_classes'] - 1} for model {info['model']}",
+                body.class_id,
+            )
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        if seed + body.num_images - 1 > MAX_SEED:
+            raise _invalid("seed", f"seed + num_images - 1 must be <= {MAX_SEED}", body.seed)
+        timeout = settings.request_timeout_s
+        if (header := request.headers.get(TIMEOUT_HEADER)) is not None:
+            try:
+                requested = float(header)
+            except ValueError:
+                requested = float("nan")
+            if not requested > 0:  # also NaN
+                raise _invalid(TIMEOUT_HEADER, "must be a positive number of seconds", header)
+            timeout = min(timeout, requested)
+        d = info["defaults"]
+        params = SamplingParams(
+            num_iter=body.steps or d["steps"],
+            cfg=d["cfg"] if body.cfg is None else body.cfg,
+            cfg_schedule=body.cfg_schedule or d["cfg_schedule"],
+            temperature=d["temperature"] if body.temperature is None else body.temperature,
+        )
+        return EngineRequest(
+            class_id=body.class_id,
+            seeds=[seed + i for i in range(body.num_images)],
+            params=params,
+            mode=body.mode or settings.default_mode,
+            timeout_s=timeout,
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        )
+
+    def error(status: int, message: str, request_id: str, **headers: str) -> JSONResponse:
+        return JSONResponse(
+            {"detail": message}, status, headers={"X-Request-ID": request_id, **headers}
+        )
+
+    def engine_error(exc: Exception, req: EngineRequest) -> JSONResponse:
+        """The HTTP answer for an engine-side failure (and its request metric)."""
+        if isinstance(exc, QueueFull):
+            status = 503
+            response = error(
+                503, str(exc), req.request_id, **{"Retry-After": str(settings.retry_after_s)}
+            )
+        elif isinstance(exc, JobCancelled):
+            status = 504 if exc.reason == "deadline" else CLIENT_CLOSED
+            response = error(status, f"deadline of {req.timeout_s:g} s passed", req.request_id)
+        else:
+            status = 500
+            response = error(500, str(exc), req.request_id)
+        metrics.request_finished(req.mode, status)
+        return response
+
+    @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
+        "image/png": {}, "image/jpeg": {}, "image/webp": {}}}})  # fmt: skip
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        """Generate `num_images` images of `class_id`: image bytes (a grid if > 1) or JSON."""
+        started = time.monotonic()
+        req = engine_request(body, request)
+        task = asyncio.ensure_future(app.state.client.generate(req))
+        try:
+            while not task.done():  # notice a client that goes away, and drop its job
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    metrics.request_finished(req.mode, CLIENT_CLOSED)
+                    return Response(status_code=CLIENT_CLOSED)
+            result: JobResult = task.result()
+        except (QueueFull, JobCancelled, EngineError) as exc:
+            return engine_error(exc, req)
+        finally:
+            task.cancel()
+        total = time.monotonic() - started
+        metrics.request_finished(req.mode, 200, total)
+        headers = {
+            "X-Request-ID": req.request_id,
+            "X-Seed": ",".join(map(str, result.seeds)),
+            "X-Mode": req.mode,
+            "X-Steps": str(req.params.num_iter),
+            "X-Queue-Seconds": f"{result.queue_s:.4f}",
+            "X-Generation-Seconds": f"{result.generation_s:.4f}",
+            "X-Batch-Size": str(result.batch_size),
+        }
+        accept = request.headers.get("accept", "")
+        if body.response == "json" or (body.response is None and "application/json" in accept):
+            images = await asyncio.to_thread(
+                lambda: [_b64(encode_image(im, body.format)) for im in result.images]
+            )
+            payload = GenerateResponse(
+                request_id=req.request_id,
+                model=app.state.info["model"],
+                mode=req.mode,
+                class_id=req.class_id,
+                steps=req.params.num_iter,
+                format=body.format,
+                images=[{"b64": b, "seed": s} for b, s in zip(images, result.seeds, strict=True)],
+                timings={"queue_s": result.queue_s, "generation_s": result.generation_s,
+                         "total_s": total},
+                batch_size=result.batch_size,
+            )  # fmt: skip
+            return JSONResponse(payload.model_dump(), headers=headers)
+        data = await asyncio.to_thread(_encode, result.images, body.format)
+        return Response(data, media_type=MEDIA_TYPES[body.format], headers=headers)
+
+    @app.post("/generate/stream")
+    async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+        """Server-sent events: `progress` per step (with a small `preview` now and then),
+        one `image` per image, then `done`."""
+        req = engine_request(body, request)
+        started = time.monotonic()
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for event in app.state.client.stream(req):
+                    if "result" in event:
+                        result: JobResult = event["result"]
+                        for image, seed in zip(result.images, result.seeds, strict=True):
+                            data = {"seed": seed, "b64": _b64(encode_image(image, body.format))}
+                            yield _sse("image", data)
+                        yield _sse("done", {"request_id": req.request_id, "seeds": result.seeds,
+                                            "generation_s": result.generation_s})  # fmt: skip
+                        continue
+                    if (preview := event.pop("preview", None)) is not None:
+                        event["preview_png_b64"] = _b64(encode_image(preview, "png"))
+                    yield _sse("progress", event)
+            except (QueueFull, JobCancelled, EngineError) as exc:
+                status = engine_error(exc, req).status_code
+                yield _sse("error", {"status": status, "detail": str(exc)})
+                return
+            except asyncio.CancelledError:  # the client went away mid-stream
+                metrics.request_finished(req.mode, CLIENT_CLOSED)
+                raise
+            metrics.request_finished(req.mode, 200, time.monotonic() - started)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"X-Request-ID": req.request_id}
+        )
+
+    @app.get("/classes")
+    async def classes() -> dict[str, Any]:
+        """Class ids and labels of the loaded model."""
+        labels = app.state.info["labels"]
+        return {"model": app.state.info["model"], "classes": [
+            {"id": i, "label": label} for i, label in enumerate(labels)]}  # fmt: skip
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Model loaded, warmed up (a probe generation ran) and the engine loop alive."""
+        ok, reason = await app.state.client.readiness()
+        return JSONResponse({"ready": ok, "reason": reason}, 200 if ok else 503)
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        """The model, device, defaults, MARché and batching settings, queue state."""
+        return await app.state.client.info()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics (under Ray Serve: Ray's exporter, port 8080, `ray_` prefix)."""
+        if backend is None:
+            return PlainTextResponse(
+                "# metrics are exported by Ray's metrics exporter (ray_marche_*)\n"
+            )
+        return Response(backend.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _encode(images: np.ndarray, fmt: str) -> bytes:
+    image = images[0] if len(images) == 1 else make_grid(images)
+    return encode_image(image, fmt)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

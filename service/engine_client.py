@@ -1,0 +1,164 @@
+"""How the HTTP layer reaches the engine: in-process (uvicorn) or through Ray Serve.
+
+`EngineRequest` / `JobResult` are plain picklable data, so the same contract crosses a Ray
+deployment handle. `LocalEngineClient` owns an `EngineWorker` thread; `service.ray_app` wraps
+one inside the GPU deployment and exposes it to the ingress through a handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.config import SamplingParams
+from engine.pipeline import Pipeline
+from service.metrics import Metrics
+from service.settings import ServiceSettings
+from service.worker import EngineWorker, Job, JobResult
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    class_id: int
+    seeds: list[int]
+    params: SamplingParams
+    mode: str
+    timeout_s: float
+    request_id: str = ""
+
+
+class EngineClient(Protocol):
+    async def info(self) -> dict[str, Any]: ...
+
+    async def readiness(self) -> tuple[bool, str]: ...
+
+    async def generate(self, request: EngineRequest) -> JobResult:
+        """Raises QueueFull, JobCancelled, EngineError; cancelling the call drops the job."""
+        ...
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        """Progress events, then {"result": JobResult}."""
+        ...
+
+
+def model_info(pipeline: Pipeline, settings: ServiceSettings) -> dict[str, Any]:
+    """What /info and /classes show about the loaded model."""
+    spec, cfg = pipeline.spec, pipeline.model.cfg
+    return {
+        "model": pipeline.name,
+        "device": str(pipeline.device),
+        "dtype": str(pipeline.dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in pipeline.model.parameters()),
+        "image_size": cfg.img_size,
+        "seq_len": cfg.seq_len,
+        "num_classes": cfg.class_num,
+        "labels": list(spec.labels) if spec.labels else [str(i) for i in range(cfg.class_num)],
+        "defaults": {
+            "steps": spec.defaults.num_iter,
+            "cfg": spec.defaults.cfg,
+            "cfg_schedule": spec.defaults.cfg_schedule,
+            "temperature": spec.defaults.temperature,
+            "mode": settings.default_mode,
+        },
+        "marche": settings.marche_config().__dict__,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "queue_size": settings.queue_size,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+    }
+
+
+def load_pipeline(settings: ServiceSettings) -> Pipeline:
+    return Pipeline.load(
+        settings.model,
+        checkpoint=settings.checkpoint,
+        vae=settings.vae,
+        device=settings.device,
+        dtype=settings.dtype,
+        random_weights=settings.random_weights,
+    )
+
+
+class LocalEngineClient:
+    """The engine in this process: a worker thread fed by asyncio handlers."""
+
+    def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.pipeline = load_pipeline(settings)
+        self.worker = EngineWorker(
+            self.pipeline,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            marche=settings.marche_config(),
+            metrics=metrics,
+            preview_every=settings.preview_every,
+        )
+        self._info = model_info(self.pipeline, settings)
+
+    def start(self) -> None:
+        self.worker.start(warmup=self.settings.warmup)
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    async def info(self) -> dict[str, Any]:
+        running, waiting = self.worker.counts()
+        return {**self._info, "ready": self.worker.ready, "running": running, "waiting": waiting}
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self.worker.last_error:
+            return False, self.worker.last_error
+        if not self.worker.alive:
+            return False, "engine worker is not running"
+        if not self.worker.ready:
+            return False, "warming up"
+        return True, "ready"
+
+    def _job(self, request: EngineRequest, on_event=None) -> Job:
+        return Job(
+            class_id=request.class_id,
+            seeds=list(request.seeds),
+            params=request.params,
+            mode=request.mode,
+            deadline=time.monotonic() + request.timeout_s,
+            request_id=request.request_id,
+            on_event=on_event,
+        )
+
+    async def generate(self, request: EngineRequest) -> JobResult:
+        job = self._job(request)
+        future = self.worker.submit(job)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the caller (client) went away
+            self.worker.cancel(job, "disconnected")
+            raise
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        job = self._job(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        result = asyncio.wrap_future(self.worker.submit(job))
+        try:
+            while not result.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield {"result": result.result()}
+        except (asyncio.CancelledError, GeneratorExit):
+            self.worker.cancel(job, "disconnected")
+            raise
+        finally:
+            if not result.done():
+                self.worker.cancel(job, "disconnected")

@@ -1,0 +1,130 @@
+"""Every metric the service records, named once; the backend (Prometheus or Ray) makes them.
+
+Under uvicorn the backend is a `prometheus_client` registry served at `/metrics`. Under Ray
+Serve each replica is its own process, so `service.ray_app` supplies a backend built on
+`ray.serve.metrics`, exported by Ray's per-node exporter with a `ray_` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import prometheus_client as prom
+
+# Generation takes ~0.1 s (a digit on a GPU) to minutes (MAR-H on a CPU).
+LATENCY_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str  # histogram | counter | gauge
+    doc: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("marche_request_latency_seconds", "histogram",
+               "End-to-end latency of /generate requests that produced images.",
+               ("model", "mode"), LATENCY_BUCKETS),
+    MetricSpec("marche_queue_wait_seconds", "histogram",
+               "Time from acceptance to the start of the request's batch.",
+               ("model", "mode"), LATENCY_BUCKETS),
+    MetricSpec("marche_step_latency_seconds", "histogram",
+               "Wall time of one decoding step of a batch (transformer + diffusion head).",
+               ("model", "mode"), STEP_BUCKETS),
+    MetricSpec("marche_batch_size", "histogram", "Images per engine batch.",
+               ("model", "mode"), BATCH_BUCKETS),
+    MetricSpec("marche_active_token_fraction", "histogram",
+               "MARché: active tokens / all tokens per decoding step (1.0 on full steps).",
+               ("model", "mode"), FRACTION_BUCKETS),
+    MetricSpec("marche_requests_total", "counter", "Finished /generate requests by status.",
+               ("model", "mode", "status")),
+    MetricSpec("marche_images_generated_total", "counter", "Images generated and returned.",
+               ("model", "mode")),
+    MetricSpec("marche_rejections_total", "counter",
+               "Requests refused at admission (queue_full: 503).", ("model", "reason")),
+    MetricSpec("marche_cancellations_total", "counter",
+               "Accepted requests dropped before finishing (disconnected, deadline).",
+               ("model", "mode", "reason")),
+    MetricSpec("marche_requests_running", "gauge", "Requests in the batch being decoded.",
+               ("model",)),
+    MetricSpec("marche_requests_waiting", "gauge", "Requests accepted and queued.", ("model",)),
+)  # fmt: skip
+METRIC_NAMES: tuple[str, ...] = tuple(s.name for s in SPECS)
+
+
+class Backend(Protocol):
+    def make(self, spec: MetricSpec) -> Any:
+        """A metric object with prometheus_client's `.labels(**tags).observe/inc/set` API."""
+        ...
+
+
+class PrometheusBackend:
+    """A private `prometheus_client` registry (one per app, so tests can build many)."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+
+    def make(self, spec: MetricSpec) -> Any:
+        name = spec.name.removesuffix("_total")  # prometheus_client adds it back to counters
+        if spec.kind == "histogram":
+            return prom.Histogram(
+                name, spec.doc, spec.labels, registry=self.registry, buckets=spec.buckets
+            )
+        if spec.kind == "counter":
+            return prom.Counter(name, spec.doc, spec.labels, registry=self.registry)
+        return prom.Gauge(name, spec.doc, spec.labels, registry=self.registry)
+
+    def render(self) -> bytes:
+        return prom.generate_latest(self.registry)
+
+
+class Metrics:
+    """The service's metrics, labelled with the served model."""
+
+    def __init__(self, backend: Backend, model: str) -> None:
+        self.backend, self.model = backend, model
+        self._m = {spec.name: backend.make(spec) for spec in SPECS}
+
+    def _labels(self, name: str, **tags: str) -> Any:
+        return self._m[name].labels(model=self.model, **tags)
+
+    def request_finished(self, mode: str, status: int, latency_s: float | None = None) -> None:
+        self._labels("marche_requests_total", mode=mode, status=str(status)).inc()
+        if latency_s is not None:
+            self._labels("marche_request_latency_seconds", mode=mode).observe(latency_s)
+
+    def rejected(self, reason: str) -> None:
+        self._labels("marche_rejections_total", reason=reason).inc()
+
+    def cancelled(self, mode: str, reason: str) -> None:
+        self._labels("marche_cancellations_total", mode=mode, reason=reason).inc()
+
+    def batch_started(self, mode: str, num_images: int, queue_waits: Iterable[float]) -> None:
+        self._labels("marche_batch_size", mode=mode).observe(num_images)
+        for wait in queue_waits:
+            self._labels("marche_queue_wait_seconds", mode=mode).observe(wait)
+
+    def step(self, mode: str, seconds: float) -> None:
+        self._labels("marche_step_latency_seconds", mode=mode).observe(seconds)
+
+    def active_fractions(self, mode: str, fractions: Iterable[float]) -> None:
+        for fraction in fractions:
+            self._labels("marche_active_token_fraction", mode=mode).observe(fraction)
+
+    def images(self, mode: str, count: int) -> None:
+        self._labels("marche_images_generated_total", mode=mode).inc(count)
+
+    def queue_state(self, running: int, waiting: int) -> None:
+        self._labels("marche_requests_running").set(running)
+        self._labels("marche_requests_waiting").set(waiting)

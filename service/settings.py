@@ -1,0 +1,48 @@
+"""Service knobs: one settings object, read from `MARCHE_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.marche import MarcheConfig
+
+
+class ServiceSettings(BaseSettings):
+    """Everything an operator can set; `MARCHE_MAX_BATCH_SIZE=32` sets `max_batch_size`."""
+
+    model_config = SettingsConfigDict(env_prefix="MARCHE_", extra="ignore")
+
+    # the model
+    model: str = "digits"
+    checkpoint: str | None = None  # official checkpoint-last.pth or .safetensors
+    vae: str | None = None  # kl16.ckpt, for the ImageNet models
+    random_weights: bool = False  # time official sizes without a checkpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+
+    # the engine worker
+    max_batch_size: int = Field(16, ge=1, description="images per batch")
+    max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill")
+    queue_size: int = Field(64, ge=1, description="waiting requests before 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="deadline per request")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")
+    warmup: bool = True  # a probe generation before /readyz turns 200
+    preview_every: int = Field(4, ge=1, description="stream a preview every N steps")
+
+    # decoding defaults (a request may choose mode; the MARché knobs are per server)
+    default_mode: Literal["marche", "mar"] = "marche"
+    marche_budget: int = Field(64, ge=1)
+    marche_selection_layer: int = Field(2, ge=1)
+    marche_refresh_period: int = Field(3, ge=1)
+    marche_encoder: Literal["cache", "full"] = "cache"
+
+    def marche_config(self) -> MarcheConfig:
+        return MarcheConfig(
+            budget=self.marche_budget,
+            selection_layer=self.marche_selection_layer,
+            refresh_period=self.marche_refresh_period,
+            encoder=self.marche_encoder,
+        )
