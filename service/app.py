@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import secrets
 import time
 import uuid
@@ -56,7 +57,6 @@ def build_app(
             engine = LocalEngineClient(settings, metrics)
             engine.start()
             app.state.client = engine
-        app.state.info = await app.state.client.info()
         yield
         if local:
             await asyncio.to_thread(engine.stop)
@@ -68,9 +68,16 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
+    app.state.info = None
 
-    def engine_request(body: GenerateRequest, request: Request) -> EngineRequest:
-        info = app.state.info
+    async def model_info() -> dict[str, Any]:
+        """The model's static facts, fetched from the engine once."""
+        if app.state.info is None:
+            app.state.info = await app.state.client.info()
+        return app.state.info
+
+    async def engine_request(body: GenerateRequest, request: Request) -> EngineRequest:
+        info = await model_info()
         if not 0 <= body.class_id < info["num_classes"]:
             raise _invalid(
                 "class_id",
@@ -105,6 +112,11 @@ def build_app(
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming the field and the reason (a NaN input must not turn it into a 500)."""
+        return JSONResponse({"detail": _json_safe(exc.errors())}, 422)
+
     def error(status: int, message: str, request_id: str, **headers: str) -> JSONResponse:
         return JSONResponse(
             {"detail": message}, status, headers={"X-Request-ID": request_id, **headers}
@@ -131,7 +143,7 @@ def build_app(
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """Generate `num_images` images of `class_id`: image bytes (a grid if > 1) or JSON."""
         started = time.monotonic()
-        req = engine_request(body, request)
+        req = await engine_request(body, request)
         task = asyncio.ensure_future(app.state.client.generate(req))
         try:
             while not task.done():  # notice a client that goes away, and drop its job
@@ -163,7 +175,7 @@ def build_app(
             )
             payload = GenerateResponse(
                 request_id=req.request_id,
-                model=app.state.info["model"],
+                model=(await model_info())["model"],
                 mode=req.mode,
                 class_id=req.class_id,
                 steps=req.params.num_iter,
@@ -181,7 +193,7 @@ def build_app(
     async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
         """Server-sent events: `progress` per step (with a small `preview` now and then),
         one `image` per image, then `done`."""
-        req = engine_request(body, request)
+        req = await engine_request(body, request)
         started = time.monotonic()
 
         async def events() -> AsyncIterator[str]:
@@ -214,8 +226,9 @@ def build_app(
     @app.get("/classes")
     async def classes() -> dict[str, Any]:
         """Class ids and labels of the loaded model."""
-        labels = app.state.info["labels"]
-        return {"model": app.state.info["model"], "classes": [
+        info = await model_info()
+        labels = info["labels"]
+        return {"model": info["model"], "classes": [
             {"id": i, "label": label} for i, label in enumerate(labels)]}  # fmt: skip
 
     @app.get("/healthz")
@@ -244,6 +257,19 @@ def build_app(
         return Response(backend.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _json_safe(value: Any) -> Any:
+    """Errors echo the input: non-finite floats and other non-JSON values become strings."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
 
 
 def _b64(data: bytes) -> str:

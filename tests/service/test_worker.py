@@ -1,0 +1,93 @@
+"""The engine worker on its own: cancellation mid-generation, batching by compatibility."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.config import SamplingParams
+from engine.pipeline import Pipeline
+from service.metrics import Metrics, PrometheusBackend
+from service.worker import EngineWorker, Job, JobCancelled
+from tests.service.test_api import metric_value
+
+PARAMS = SamplingParams(num_iter=8, cfg=3.0)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline.load("digits", device="cpu")
+
+
+def job(class_id: int, seeds: list[int], params: SamplingParams = PARAMS, **kw) -> Job:
+    return Job(class_id, seeds, params, kw.pop("mode", "marche"), time.monotonic() + 60, **kw)
+
+
+def started_worker(pipeline: Pipeline, **kw) -> tuple[EngineWorker, PrometheusBackend]:
+    backend = PrometheusBackend()
+    worker = EngineWorker(pipeline, metrics=Metrics(backend, "digits"), **kw)
+    worker.start(warmup=False)
+    return worker, backend
+
+
+@pytest.mark.parametrize("mode", ["marche", "mar"])
+def test_cancel_mid_generation_leaves_batch_mates_untouched(pipeline, mode):
+    worker, backend = started_worker(pipeline, max_wait_ms=200)
+    try:
+        alone = job(5, [11], mode=mode)
+        worker.submit(alone)
+        expected = alone.future.result(60).images
+
+        steps_seen: list[int] = []
+        victim = job(2, [1, 2], mode=mode)
+
+        def on_event(event):  # runs on the worker thread, between steps
+            steps_seen.append(event["step"])
+            if event["step"] == 3:
+                worker.cancel(victim, "disconnected")
+
+        victim.on_event = on_event
+        mate = job(5, [11], mode=mode)
+        worker.submit(victim)
+        worker.submit(mate)
+        result = mate.future.result(60)
+        assert result.batch_size == 1  # the victim's two rows left after step 3
+        with pytest.raises(JobCancelled) as info:
+            victim.future.result(1)
+        assert info.value.reason == "disconnected"
+        assert steps_seen == [1, 2, 3]  # it got no further steps
+        assert np.array_equal(result.images, expected)
+        text = backend.render().decode()
+        assert metric_value(text, "marche_cancellations_total", reason="disconnected") == 1
+    finally:
+        worker.stop()
+
+
+def test_only_compatible_jobs_share_a_batch(pipeline):
+    worker, _ = started_worker(pipeline, max_wait_ms=300, max_batch_size=4)
+    try:
+        jobs = [
+            job(1, [0]),
+            job(2, [1], SamplingParams(num_iter=4, cfg=3.0)),  # other steps
+            job(3, [2], mode="mar"),  # other mode
+            job(4, [3, 4], SamplingParams(num_iter=8, cfg=1.0, temperature=0.5)),  # compatible
+            job(5, [5, 6]),  # would overflow max_batch_size=4 after the first three rows
+        ]
+        for j in jobs:
+            worker.submit(j)
+        sizes = [j.future.result(60).batch_size for j in jobs]
+        assert sizes == [3, 1, 1, 3, 2]
+    finally:
+        worker.stop()
+
+
+def test_queued_jobs_are_cancelled_at_once_and_stop_fails_leftovers(pipeline):
+    worker = EngineWorker(pipeline, queue_size=2)  # not started: jobs stay queued
+    queued = job(1, [0])
+    worker.submit(queued)
+    worker.cancel(queued, "disconnected")
+    with pytest.raises(JobCancelled):
+        queued.future.result(1)
+    assert worker.counts() == (0, 0)
