@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test lint format quality info clean
+.PHONY: install serve serve-ray demo test lint format quality info clean loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+serve: install  ## the HTTP service with the shipped digits model (uvicorn, in-process engine)
+	$(BIN)/marche serve --host 0.0.0.0 --port 8000
+
+serve-ray: install  ## the same app under Ray Serve (deploy/serve_config.yaml)
+	$(BIN)/marche serve --ray --host 0.0.0.0 --port 8000
 
 demo: install  ## generate a grid of digits with the shipped model
 	$(BIN)/marche generate --class-id 3 --num 16 --seed 0 --scale 4 --out out/grid.png
@@ -38,3 +44,17 @@ info: install
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+
+# Load test a server that is already running (`marche serve` or compose); starts nothing itself.
+HOST     ?= http://127.0.0.1:8000
+USERS    ?= 8
+RATE     ?= 2
+DURATION ?= 60s
+# extra flags, e.g. LOCUST_ARGS="--slo-p95-ms 5000 --slo-min-rps 1"
+LOCUST_ARGS ?=
+
+loadtest: install  ## Locust headless against $(HOST); SLO report in loadtest/results/
+	mkdir -p loadtest/results
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u $(USERS) -r $(RATE) -t $(DURATION) \
+		--host $(HOST) --stop-timeout 60 --csv loadtest/results/run \
+		--html loadtest/results/report.html $(LOCUST_ARGS)
