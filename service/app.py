@@ -190,15 +190,20 @@ def build_app(
         return Response(data, media_type=MEDIA_TYPES[body.format], headers=headers)
 
     @app.post("/generate/stream")
-    async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+    async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         """Server-sent events: `progress` per step (with a small `preview` now and then),
         one `image` per image, then `done`."""
         req = await engine_request(body, request)
         started = time.monotonic()
+        stream = app.state.client.stream(req)
+        try:  # admission first, so a full queue is a plain 503 rather than an event
+            await anext(stream)
+        except (QueueFull, JobCancelled, EngineError) as exc:
+            return engine_error(exc, req)
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for event in app.state.client.stream(req):
+                async for event in stream:
                     if "result" in event:
                         result: JobResult = event["result"]
                         for image, seed in zip(result.images, result.seeds, strict=True):

@@ -40,7 +40,8 @@ class EngineClient(Protocol):
         ...
 
     def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        """Progress events, then {"result": JobResult}."""
+        """{"accepted": True} once queued (admission errors raise before it), progress
+        events, then {"result": JobResult}."""
         ...
 
 
@@ -146,6 +147,7 @@ class LocalEngineClient:
         job = self._job(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         result = asyncio.wrap_future(self.worker.submit(job))
         try:
+            yield {"accepted": True}
             while not result.done():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
