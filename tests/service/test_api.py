@@ -223,10 +223,14 @@ def test_readiness_is_503_until_warmup_finishes(monkeypatch):
 def test_stream_with_a_full_queue_is_a_plain_503():
     with make_client(queue_size=1, max_batch_size=1, max_wait_ms=0.0) as c:
         wait_ready(c)
-        slow = {"class_id": 2, "steps": 64, "num_images": 4}
+        slow = {"class_id": 2, "steps": 256, "num_images": 4}
         with ThreadPoolExecutor(2) as pool:
             busy = [pool.submit(c.post, "/generate", json=slow) for _ in range(2)]
-            time.sleep(0.3)  # one running, one queued
+            worker = c.app.state.client.worker
+            deadline = time.monotonic() + 30
+            while worker.counts() != (1, 1):  # one running, one queued
+                assert time.monotonic() < deadline, worker.counts()
+                time.sleep(0.01)
             r = c.post("/generate/stream", json={"class_id": 1, **FAST})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert all(f.result().status_code == 200 for f in busy)
