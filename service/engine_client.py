@@ -158,9 +158,6 @@ class LocalEngineClient:
             while not events.empty():
                 yield events.get_nowait()
             yield {"result": result.result()}
-        except (asyncio.CancelledError, GeneratorExit):
-            self.worker.cancel(job, "disconnected")
-            raise
-        finally:
+        finally:  # closed early (client gone, generator cancelled): drop the job
             if not result.done():
                 self.worker.cancel(job, "disconnected")
