@@ -109,25 +109,34 @@ def test_nan_cfg_and_bad_timeout_header_are_422(client):
     assert r.status_code == 422 and "positive" in r.json()["detail"][0]["msg"]
 
 
-def test_same_seed_same_image_alone_or_in_a_batch(client):
+def test_same_seed_same_image_alone_or_in_a_batch():
     body = {"class_id": 4, "seed": 123, "cfg": 2.0, **FAST}
-    alone = client.post("/generate", json=body).content
     others = [{"class_id": c, "seed": c, "cfg": 3.0 + c, **FAST} for c in (0, 7, 9)]
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(client.post, "/generate", json=b) for b in [*others, body]]
-        responses = [f.result() for f in futures]
+    # a batch starts when it holds 4 images (or after 2 s): the 4 requests below share one
+    with make_client(max_batch_size=4, max_wait_ms=2000.0) as client:
+        wait_ready(client)
+        alone = client.post("/generate", json=body).content
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.post, "/generate", json=b) for b in [*others, body]]
+            responses = [f.result() for f in futures]
     mine = responses[-1]
     assert int(mine.headers["x-batch-size"]) > 1  # it did share a batch
     assert np.array_equal(pixels(mine.content), pixels(alone))
 
 
 def test_concurrent_requests_are_batched_and_metered(client):
-    with ThreadPoolExecutor(6) as pool:
-        futures = [
-            pool.submit(client.post, "/generate", json={"class_id": i, "seed": i, **FAST})
-            for i in range(6)
-        ]
-        responses = [f.result() for f in futures]
+    worker = client.app.state.client.worker
+    knobs = {"max_batch_size": worker.max_batch_size, "max_wait_ms": worker.max_wait_s * 1000}
+    worker.configure(max_batch_size=3, max_wait_ms=2000.0)
+    try:  # batches start when they hold 3 images: 6 concurrent requests make 2 of them
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(client.post, "/generate", json={"class_id": i, "seed": i, **FAST})
+                for i in range(6)
+            ]
+            responses = [f.result() for f in futures]
+    finally:
+        worker.configure(**knobs)
     assert all(r.status_code == 200 for r in responses)
     assert max(int(r.headers["x-batch-size"]) for r in responses) > 1
     text = client.get("/metrics").text
@@ -171,18 +180,29 @@ def test_deadline_passed_is_504_and_counted(client):
     assert client.post("/generate", json={"class_id": 8, **FAST}).status_code == 200
 
 
+def wait_for_counts(worker, running: int, waiting: int) -> None:
+    """Poll the worker until it runs `running` jobs and queues `waiting` (or fail after 30 s)."""
+    deadline = time.monotonic() + 30
+    while worker.counts() != (running, waiting):
+        assert time.monotonic() < deadline, worker.counts()
+        time.sleep(0.01)
+
+
 def test_full_queue_is_503_with_retry_after_and_nothing_accepted_is_lost():
     with make_client(queue_size=1, max_batch_size=1, max_wait_ms=0.0) as c:
         wait_ready(c)
-        body = {"class_id": 2, "steps": 24}
-        with ThreadPoolExecutor(5) as pool:
-            responses = [f.result() for f in [pool.submit(c.post, "/generate", json=body)
-                                              for _ in range(5)]]  # fmt: skip
-        codes = sorted(r.status_code for r in responses)
-        assert 503 in codes and set(codes) <= {200, 503} and codes.count(200) >= 2
-        shed = next(r for r in responses if r.status_code == 503)
+        slow = {"class_id": 2, "steps": 128, "num_images": 2}
+        with ThreadPoolExecutor(2) as pool:
+            worker = c.app.state.client.worker
+            accepted = [pool.submit(c.post, "/generate", json=slow)]
+            wait_for_counts(worker, 1, 0)  # the first one runs ...
+            accepted.append(pool.submit(c.post, "/generate", json=slow))
+            wait_for_counts(worker, 1, 1)  # ... and the second fills the queue
+            shed = c.post("/generate", json={"class_id": 5, **FAST})
+            codes = [f.result().status_code for f in accepted]
+        assert shed.status_code == 503 and codes == [200, 200]
         assert shed.headers["retry-after"] == "1" and "queue full" in shed.json()["detail"]
-        assert metric_value(c.get("/metrics").text, "marche_rejections_total") == codes.count(503)
+        assert metric_value(c.get("/metrics").text, "marche_rejections_total") == 1
 
 
 def test_engine_error_fails_its_batch_with_500_and_the_loop_keeps_serving(monkeypatch):
@@ -223,14 +243,13 @@ def test_readiness_is_503_until_warmup_finishes(monkeypatch):
 def test_stream_with_a_full_queue_is_a_plain_503():
     with make_client(queue_size=1, max_batch_size=1, max_wait_ms=0.0) as c:
         wait_ready(c)
-        slow = {"class_id": 2, "steps": 256, "num_images": 4}
+        slow = {"class_id": 2, "steps": 128, "num_images": 2}
         with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(c.post, "/generate", json=slow) for _ in range(2)]
             worker = c.app.state.client.worker
-            deadline = time.monotonic() + 30
-            while worker.counts() != (1, 1):  # one running, one queued
-                assert time.monotonic() < deadline, worker.counts()
-                time.sleep(0.01)
+            busy = [pool.submit(c.post, "/generate", json=slow)]
+            wait_for_counts(worker, 1, 0)  # the first one runs ...
+            busy.append(pool.submit(c.post, "/generate", json=slow))
+            wait_for_counts(worker, 1, 1)  # ... and the second fills the queue
             r = c.post("/generate/stream", json={"class_id": 1, **FAST})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert all(f.result().status_code == 200 for f in busy)
