@@ -94,12 +94,17 @@ def bench(
     repeats: int = 1,
     warmup_steps: int = 2,
     marche: MarcheConfig | None = None,
+    compile: str = "off",
 ) -> dict:
-    pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
+    pipe = Pipeline.load(
+        model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
+    )
     params = params or pipe.spec.defaults
-    # Warm-up: kernels, allocator and caches, on a short run of each mode.
+    # Warm-up: kernels, allocator and caches, on a short run of each mode. Compiled graphs are
+    # specialised to each step's row count, so with --compile the warm-up is a full run.
+    warm = params if compile != "off" else SamplingParams(warmup_steps, params.cfg)
     for mode in modes:
-        run_mode(pipe, mode, batch, SamplingParams(warmup_steps, params.cfg), 1, marche)
+        run_mode(pipe, mode, batch, warm, 1, marche)
     results = {m: run_mode(pipe, m, batch, params, repeats, marche) for m in modes}
     report: dict = {
         "model": model,
@@ -110,6 +115,7 @@ def bench(
         "steps": params.num_iter,
         "cfg": params.cfg,
         "repeats": repeats,
+        "compile": compile,
         "marche": (marche or MarcheConfig()).__dict__,
         "modes": {m: r.to_dict() for m, r in results.items()},
     }

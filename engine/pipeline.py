@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from engine.checkpoint import load_strict, read_state_dict
+from engine.compile import compile_model
 from engine.config import MAR_CONFIGS, MARConfig, SamplingParams
 from engine.digits import LABELS as DIGIT_LABELS
 from engine.model import MAR
@@ -97,6 +98,7 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "auto",
         random_weights: bool = False,
+        compile: str = "off",
     ) -> Pipeline:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -121,6 +123,7 @@ class Pipeline:
             tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
         else:
             raise ValueError(f"model {name} decodes through the KL-16 VAE: pass --vae kl16.ckpt")
+        model = compile_model(model, compile)
         return cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
 
     @property

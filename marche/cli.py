@@ -33,6 +33,9 @@ PeriodOpt = Annotated[int, typer.Option(help="MARché: full refresh every R step
 EncoderOpt = Annotated[str, typer.Option(help="MARché encoder: cache or full")]
 RefreshOpt = Annotated[str, typer.Option(help="MARché refresh: attention, random, low_attention")]
 CachingOpt = Annotated[bool, typer.Option(help="MARché: include last step's tokens")]
+CompileOpt = Annotated[
+    str, typer.Option(help="torch.compile the hot paths: off, default, reduce-overhead, ...")
+]
 
 
 def marche_config(budget, selection_layer, refresh_period, encoder, refresh, caching_tokens):
@@ -280,6 +283,7 @@ def bench(
     selection_layer: SelectionOpt = 2,
     refresh_period: PeriodOpt = 3,
     encoder: EncoderOpt = "cache",
+    compile: CompileOpt = "off",
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Time generation per mode (s/image, per-phase seconds, MARché speedup)."""
@@ -298,7 +302,13 @@ def bench(
             device,
             dtype,
             repeats,
-            marche=MarcheConfig(budget=budget, encoder=encoder),
+            marche=MarcheConfig(
+                budget=budget,
+                selection_layer=selection_layer,
+                refresh_period=refresh_period,
+                encoder=encoder,
+            ),
+            compile=compile,
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -309,7 +319,7 @@ def bench(
         "active",
         title=(
             f"{model} on {report['device']} ({report['dtype']}), batch {batch}, {steps} steps, "
-            f"cfg {cfg}"
+            f"cfg {cfg}, compile {compile}"
         ),
     )
     for name, r in report["modes"].items():

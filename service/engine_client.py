@@ -82,6 +82,7 @@ def load_pipeline(settings: ServiceSettings) -> Pipeline:
         device=settings.device,
         dtype=settings.dtype,
         random_weights=settings.random_weights,
+        compile=settings.compile,
     )
 
 

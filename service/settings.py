@@ -22,6 +22,7 @@ class ServiceSettings(BaseSettings):
     random_weights: bool = False  # time official sizes without a checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
 
     # the engine worker
     max_batch_size: int = Field(16, ge=1, description="images per batch")
