@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from engine.diffusion import DiffusionSchedule
 
+MODULATION_BUDGET = 1 << 24  # elements of precomputed adaLN outputs per block of steps
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
@@ -50,7 +52,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.forward_modulated(x, self.adaLN_modulation(y))
+
+    def forward_modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+        """The block given its adaLN output mod = adaLN_modulation(y) (N, 3W)."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -62,7 +68,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.forward_modulated(x, self.adaLN_modulation(y))
+
+    def forward_modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -99,12 +108,27 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def modulation_width(self) -> int:
+        """Features of all adaLN outputs together: 3W per res block, 2W for the final layer."""
+        width = self.input_proj.out_features
+        return (3 * len(self.res_blocks) + 2) * width
+
+    def modulations(self, y: Tensor) -> list[Tensor]:
+        """Every layer's adaLN output for y (..., W): the only place y enters the MLP."""
+        layers = [*self.res_blocks, self.final_layer]
+        return [layer.adaLN_modulation(y) for layer in layers]
+
+    def forward_modulated(self, x: Tensor, mods: list[Tensor]) -> Tensor:
+        """The MLP given `modulations(y)` (one (N, kW) tensor per layer)."""
+        x = self.input_proj(x)
+        for block, mod in zip(self.res_blocks, mods, strict=False):
+            x = block.forward_modulated(x, mod)
+        return self.final_layer.forward_modulated(x, mods[-1])
+
     def forward_embedded(self, x: Tensor, y: Tensor) -> Tensor:
         """The MLP given y = time_embed(t) + cond_embed(c), which callers may precompute."""
-        x = self.input_proj(x)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
+        return self.forward_modulated(x, self.modulations(y))
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
@@ -159,14 +183,25 @@ def sample(
     num_t, channels = schedule.num_timesteps, x_T.shape[1]
     c_emb = net.cond_embed(z)  # constant over the diffusion steps
     t_emb = net.time_embed(tmap)  # (T, W): one row per diffusion index
+    # y = c_emb + t_emb[i] enters the MLP only through the adaLN linears, and every y is known
+    # up front: compute their outputs for a block of diffusion steps in one matmul (T_blk * N
+    # rows) instead of T matrix-vector products that each re-read those weights (over half
+    # the head's parameters). Blocks are sized to keep the buffer under MODULATION_BUDGET.
+    per_step = len(z) * net.modulation_width
+    block = max(1, min(num_t, MODULATION_BUDGET // per_step))
+    mods: list[Tensor] = []
+    lo = num_t
     x = x_T
     for i in reversed(range(num_t)):
-        y = c_emb + t_emb[i]
+        if i < lo:  # the next block of diffusion steps [lo, i]
+            lo = max(0, i + 1 - block)
+            mods = net.modulations(c_emb[None] + t_emb[lo : i + 1, None])  # each (blk, N, kW)
+        mod = [m[i - lo] for m in mods]
         if cfg is None:
-            out = net.forward_embedded(x, y).float()
+            out = net.forward_modulated(x, mod).float()
             eps, v = out[:, :channels], out[:, channels:]
         else:
-            out = net.forward_embedded(torch.cat([x, x]), y).float()
+            out = net.forward_modulated(torch.cat([x, x]), mod).float()
             cond_eps, uncond_eps = out[:, :channels].chunk(2)
             eps = uncond_eps + cfg * (cond_eps - uncond_eps)
             v = out[: len(x), channels:]

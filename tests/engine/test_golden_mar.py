@@ -110,8 +110,11 @@ def test_respaced_schedule_matches_golden(load_golden):
     )
 
 
+@pytest.mark.parametrize("steps_per_block", [None, 1, 7], ids=["all", "block1", "block7"])
 @pytest.mark.parametrize("group", ["sample", "sample_nocfg"])
-def test_diffloss_sample_replays_golden(ref, load_golden, group):
+def test_diffloss_sample_replays_golden(ref, load_golden, group, steps_per_block, monkeypatch):
+    """Golden replay, with the adaLN outputs precomputed for all steps at once, one step at a
+    time, or in blocks of 7 (100 = 14 x 7 + 2: a ragged last block)."""
     model = tiny_model(ref)
     g = {
         k.split(".", 1)[1]: v
@@ -120,6 +123,10 @@ def test_diffloss_sample_replays_golden(ref, load_golden, group):
     }
     n = len(g["init_noise"])
     guided = float(g["cfg"]) != 1.0
+    if steps_per_block is not None:
+        rows = 2 * n if guided else n
+        budget = steps_per_block * rows * model.diffloss.net.modulation_width
+        monkeypatch.setattr(diffloss, "MODULATION_BUDGET", budget)
     out = diffloss.sample(
         model.diffloss.net,
         model.diffloss.gen_schedule,
