@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from engine.config import MAR_DIGITS, MARConfig
@@ -73,6 +74,10 @@ def mar_loss(
     return training_loss(model.diffloss.net, sched, target, t, z).mean()
 
 
+def _short_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def train(
     cfg: MARConfig,
     steps: int,
@@ -82,12 +87,16 @@ def train(
     ema_rate: float,
     diffusion_batch_mul: int,
     out: Path,
+    init: Path | None = None,
+    max_shift: int = 1,
 ) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = load_digits_split()
     model = MAR(cfg).train()
+    if init is not None:  # a later stage starts from an earlier stage's EMA weights
+        model.load_state_dict(load_file(str(init)))
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -96,7 +105,7 @@ def train(
     mask_ratio_gen = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
     mask_ratios = mask_ratio_gen.rvs(steps, random_state=np.random.RandomState(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
-    warmup = min(500, steps // 10)
+    warmup = max(1, min(500, steps // 10))
     n = len(data.train_images)
     started = time.time()
     for step in range(steps):
@@ -108,7 +117,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr * scale
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        images = augment(data.train_images[idx], gen)
+        images = data.train_images[idx]
+        if max_shift > 0:
+            images = augment(images, gen, max_shift)
         loss = mar_loss(
             model,
             patchify(images, cfg.patch_size),
@@ -144,6 +155,8 @@ def train(
         "seed": str(seed),
         "ema_rate": str(ema_rate),
         "diffusion_batch_mul": str(diffusion_batch_mul),
+        "max_shift": str(max_shift),
+        "init": "" if init is None else f"{init.name} ({_short_hash(init)})",
         "train_seconds": f"{time.time() - started:.0f}",
     }
     state = {k: v.contiguous() for k, v in ema.state_dict().items()}
@@ -161,6 +174,8 @@ def main() -> None:
     parser.add_argument("--ema-rate", type=float, default=0.999)
     parser.add_argument("--diffusion-batch-mul", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-shift", type=int, default=1, help="augmentation: shift up to N px")
+    parser.add_argument("--init", type=Path, help="start from these weights (a later stage)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -173,6 +188,8 @@ def main() -> None:
         args.ema_rate,
         args.diffusion_batch_mul,
         args.out,
+        args.init,
+        args.max_shift,
     )
 
 
