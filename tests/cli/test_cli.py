@@ -142,3 +142,14 @@ def test_quality_marche_with_psnr_vs_mar(tmp_path):
     assert report["num_images"] == 10 and 0 <= report["accuracy"] <= 1
     assert report["marche"]["budget"] == 32 and report["marche"]["refresh"] == "random"
     assert 0 < report["psnr_vs_mar_db"] <= 100
+
+
+def test_ablations_table_and_json(tmp_path):
+    path = tmp_path / "ablations.json"
+    args = ["ablations", "--num", "10", "--steps", "3", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "low-attention refresh" in result.output and "PSNR vs MAR" in result.output
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["name"] for r in rows][:2] == ["MAR (exact)", "MARché (defaults)"]
+    assert len(rows) == 6 and all(0 < r["psnr_vs_mar_db"] <= 100 for r in rows[1:])
