@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo test lint format quality info clean loadtest
+.PHONY: install serve serve-ray demo test lint format quality ablations train-digits info clean loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ format: install
 
 quality: install
 	$(BIN)/marche quality --mode mar --num 500 --json out/quality_mar.json
+
+ablations: install  ## MAR vs MARché vs the paper's ablations on digits (~15 min on 2 cores)
+	$(BIN)/marche ablations --num 200 --json out/ablations.json
+
+# The shipped weights, in two seeded stages (~65 + ~37 min on a 2-core CPU).
+train-digits: install
+	$(BIN)/python -m engine.train_digits --out out/digits_stage1.safetensors
+	$(BIN)/python -m engine.train_digits --init out/digits_stage1.safetensors --max-shift 0 \
+		--steps 2400 --lr 3e-4 --seed 1 --out out/digits.safetensors
 
 info: install
 	$(BIN)/marche info

@@ -274,23 +274,33 @@ def ablations(
     num: Annotated[int, typer.Option(min=10, help="images per row (class-balanced)")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
     steps: Annotated[int | None, typer.Option(help="autoregressive steps")] = None,
+    budget: BudgetOpt = 64,
+    selection_layer: SelectionOpt = 2,
+    refresh_period: PeriodOpt = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows here")] = None,
 ) -> None:
-    """MAR vs MARché defaults vs the paper's ablations, on the digits model, same seeds."""
+    """MAR vs MARché vs the paper's ablations of it, on the digits model, same seeds."""
     from dataclasses import replace
 
-    from engine.ablations import ABLATIONS, run_ablations
+    from engine.ablations import ablations as variants_of
+    from engine.ablations import run_ablations
     from engine.pipeline import Pipeline
 
+    try:
+        base = marche_config(budget, selection_layer, refresh_period, "cache", "attention", True)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    variants = variants_of(base)
     pipe = Pipeline.load("digits", device="cpu")
     params = pipe.spec.defaults if steps is None else replace(pipe.spec.defaults, num_iter=steps)
     with step_progress(num) as progress:
-        tasks = {n: progress.add_task(n, total=num) for n in ["MAR (exact)", *ABLATIONS]}
+        tasks = {n: progress.add_task(n, total=num) for n in ["MAR (exact)", *variants]}
         rows = run_ablations(
             pipe,
             params,
             num,
             seed,
+            variants=variants,
             progress=lambda name, done, total: progress.update(tasks[name], completed=done),
         )
     table = Table("decoding", "accuracy", "Fréchet", "diversity", "PSNR vs MAR (dB)")
