@@ -51,10 +51,7 @@ class ResBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.forward_modulated(x, self.adaLN_modulation(y))
-
-    def forward_modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
         """The block given its adaLN output mod = adaLN_modulation(y) (N, 3W)."""
         shift, scale, gate = mod.chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
@@ -67,10 +64,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(channels, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.forward_modulated(x, self.adaLN_modulation(y))
-
-    def forward_modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
+        """The layer given its adaLN output mod = adaLN_modulation(y) (N, 2W)."""
         shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -122,16 +117,13 @@ class SimpleMLPAdaLN(nn.Module):
     def forward_modulated(self, x: Tensor, mods: list[Tensor]) -> Tensor:
         """The MLP given `modulations(y)` (one (N, kW) tensor per layer)."""
         x = self.input_proj(x)
-        for block, mod in zip(self.res_blocks, mods, strict=False):
-            x = block.forward_modulated(x, mod)
-        return self.final_layer.forward_modulated(x, mods[-1])
-
-    def forward_embedded(self, x: Tensor, y: Tensor) -> Tensor:
-        """The MLP given y = time_embed(t) + cond_embed(c), which callers may precompute."""
-        return self.forward_modulated(x, self.modulations(y))
+        for block, mod in zip(self.res_blocks, mods[:-1], strict=True):
+            x = block(x, mod)
+        return self.final_layer(x, mods[-1])
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+        y = self.time_embed(t) + self.cond_embed(c)
+        return self.forward_modulated(x, self.modulations(y))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float) -> Tensor:
         """Upstream's CFG call: both branches see the first half of x; eps channels guided."""
