@@ -129,16 +129,24 @@ def check_seed_header(header: str | None, body: dict) -> str | None:
     return None
 
 
+def check_image_docs(images: list[dict], body: dict, where: str) -> str | None:
+    """Each {"b64", "seed"} image (JSON answer or stream event): a valid PNG, the right seed."""
+    for image, seed in zip(images, expected_seeds(body), strict=True):
+        problem = check_png(base64.b64decode(image.get("b64", "")))
+        if problem:
+            return f"{where} image: {problem}"
+        if image.get("seed") != seed:
+            return f"{where} seed {image.get('seed')} != {seed}"
+    return None
+
+
 def check_json(doc: dict, body: dict) -> str | None:
     images = doc.get("images") or []
     if len(images) != body["num_images"]:
         return f"{len(images)} images in JSON, expected {body['num_images']}"
-    for image, seed in zip(images, expected_seeds(body), strict=True):
-        problem = check_png(base64.b64decode(image.get("b64", "")))
-        if problem:
-            return "JSON image: " + problem
-        if image.get("seed") != seed:
-            return f"JSON seed {image.get('seed')} != {seed}"
+    problem = check_image_docs(images, body, "JSON")
+    if problem:
+        return problem
     if doc.get("mode") != body["mode"]:
         return f"JSON mode {doc.get('mode')!r} != {body['mode']!r}"
     return None
@@ -183,13 +191,7 @@ def check_stream(events: list[tuple[str, str]], body: dict) -> str | None:
     first_image = names.index("image")
     if any(name == "progress" for name in names[first_image:]):
         return "progress event after an image event"
-    for image, seed in zip(images, expected_seeds(body), strict=True):
-        problem = check_png(base64.b64decode(image.get("b64", "")))
-        if problem:
-            return "stream image: " + problem
-        if image.get("seed") != seed:
-            return f"stream seed {image.get('seed')} != {seed}"
-    return None
+    return check_image_docs(images, body, "stream")
 
 
 def retry_after(headers) -> str | None:

@@ -8,10 +8,13 @@ import json
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.metrics import METRIC_NAMES
@@ -188,18 +191,26 @@ def wait_for_counts(worker, running: int, waiting: int) -> None:
         time.sleep(0.01)
 
 
-def test_full_queue_is_503_with_retry_after_and_nothing_accepted_is_lost():
+@contextmanager
+def full_queue() -> Iterator[tuple[TestClient, list[Future]]]:
+    """A client whose one-slot queue is full (one slow job running, one waiting), and the
+    futures of those two accepted requests."""
+    slow = {"class_id": 2, "steps": 128, "num_images": 2}
     with make_client(queue_size=1, max_batch_size=1, max_wait_ms=0.0) as c:
         wait_ready(c)
-        slow = {"class_id": 2, "steps": 128, "num_images": 2}
+        worker = c.app.state.client.worker
         with ThreadPoolExecutor(2) as pool:
-            worker = c.app.state.client.worker
             accepted = [pool.submit(c.post, "/generate", json=slow)]
             wait_for_counts(worker, 1, 0)  # the first one runs ...
             accepted.append(pool.submit(c.post, "/generate", json=slow))
             wait_for_counts(worker, 1, 1)  # ... and the second fills the queue
-            shed = c.post("/generate", json={"class_id": 5, **FAST})
-            codes = [f.result().status_code for f in accepted]
+            yield c, accepted
+
+
+def test_full_queue_is_503_with_retry_after_and_nothing_accepted_is_lost():
+    with full_queue() as (c, accepted):
+        shed = c.post("/generate", json={"class_id": 5, **FAST})
+        codes = [f.result().status_code for f in accepted]
         assert shed.status_code == 503 and codes == [200, 200]
         assert shed.headers["retry-after"] == "1" and "queue full" in shed.json()["detail"]
         assert metric_value(c.get("/metrics").text, "marche_rejections_total") == 1
@@ -241,15 +252,7 @@ def test_readiness_is_503_until_warmup_finishes(monkeypatch):
 
 
 def test_stream_with_a_full_queue_is_a_plain_503():
-    with make_client(queue_size=1, max_batch_size=1, max_wait_ms=0.0) as c:
-        wait_ready(c)
-        slow = {"class_id": 2, "steps": 128, "num_images": 2}
-        with ThreadPoolExecutor(2) as pool:
-            worker = c.app.state.client.worker
-            busy = [pool.submit(c.post, "/generate", json=slow)]
-            wait_for_counts(worker, 1, 0)  # the first one runs ...
-            busy.append(pool.submit(c.post, "/generate", json=slow))
-            wait_for_counts(worker, 1, 1)  # ... and the second fills the queue
-            r = c.post("/generate/stream", json={"class_id": 1, **FAST})
-            assert r.status_code == 503 and r.headers["retry-after"] == "1"
-            assert all(f.result().status_code == 200 for f in busy)
+    with full_queue() as (c, accepted):
+        r = c.post("/generate/stream", json={"class_id": 1, **FAST})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert all(f.result().status_code == 200 for f in accepted)
