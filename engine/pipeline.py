@@ -45,7 +45,7 @@ MODELS: dict[str, ModelSpec] = {
     "digits": ModelSpec(
         MAR_CONFIGS["digits"],
         DIGIT_LABELS,
-        SamplingParams(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0),
+        SamplingParams(num_iter=128, cfg=5.0, cfg_schedule="linear", temperature=1.0),
         WEIGHTS_DIR / "digits.safetensors",
     ),
     # The README's evaluation settings (cfg 2.9 / 3.0 / 3.2, linear), at 64 steps.

@@ -3,9 +3,11 @@
     python -m engine.train_digits --out engine/weights/digits.safetensors
 
 The training objective is upstream MAR's (`MAR.forward`): random generation orders, a mask
-ratio drawn from a truncated normal on [0.7, 1], 10% label dropout to the null class for CFG,
-and the DiffLoss diffusion loss (eps MSE + VB, 1000-step cosine) on the masked tokens, repeated
-`diffusion_batch_mul` times with fresh timesteps. The EMA weights are saved.
+ratio drawn from a truncated normal on [0.7, 1] (or, with `--mask-schedule cosine`, from the
+ratios that sampling visits), 10% label dropout to the null class for CFG, and the DiffLoss
+diffusion loss (eps MSE + VB, 1000-step cosine) on the masked tokens, repeated
+`diffusion_batch_mul` times with fresh timesteps. The EMA weights are saved. `make
+train-digits` runs the three stages of the shipped weights.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def mar_loss(
     """Upstream `MAR.forward` loss for one batch of tokens (B, L, C)."""
     bsz, seq_len, _ = tokens.shape
     orders = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(bsz)])
-    num_masked = int(math.ceil(seq_len * mask_ratio))
+    num_masked = max(1, int(math.ceil(seq_len * mask_ratio)))
     known_idx, masked_idx = orders[:, num_masked:], orders[:, :num_masked]
 
     drop = torch.rand(bsz, generator=gen) < label_drop_prob
@@ -72,6 +74,25 @@ def mar_loss(
     target = target.reshape(-1, target.shape[-1]).repeat(diffusion_batch_mul, 1)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(target),), generator=gen)
     return training_loss(model.diffloss.net, sched, target, t, z).mean()
+
+
+MASK_SCHEDULES = ("truncnorm", "cosine")
+
+
+def sample_mask_ratios(schedule: str, n: int, seed: int) -> np.ndarray:
+    """One mask ratio per training step.
+
+    truncnorm: upstream's, mean 1.0 and std 0.25 truncated to [0.7, 1.0]. The model then never
+    sees an image more than 30% known, although sampling generates 70% of the tokens from more
+    context than that. cosine: cos(pi/2 * u) for uniform u, the ratios that the cosine mask
+    schedule visits when sampling (MaskGIT's training distribution), so late steps are trained.
+    """
+    rng = np.random.RandomState(seed)
+    if schedule == "truncnorm":
+        return stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25).rvs(n, random_state=rng)
+    if schedule == "cosine":
+        return np.cos(0.5 * np.pi * rng.uniform(size=n))
+    raise ValueError(f"mask schedule must be one of {MASK_SCHEDULES}, got {schedule!r}")
 
 
 def _short_hash(path: Path) -> str:
@@ -89,6 +110,7 @@ def train(
     out: Path,
     init: Path | None = None,
     max_shift: int = 1,
+    mask_schedule: str = "truncnorm",
 ) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -101,9 +123,7 @@ def train(
     for p in ema.parameters():
         p.requires_grad_(False)
     sched = DiffusionSchedule.create("")
-    # upstream: truncated normal mask ratio, mean 1.0, std 0.25, on [0.7, 1.0]
-    mask_ratio_gen = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
-    mask_ratios = mask_ratio_gen.rvs(steps, random_state=np.random.RandomState(seed))
+    mask_ratios = sample_mask_ratios(mask_schedule, steps, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
     warmup = max(1, min(500, steps // 10))
     n = len(data.train_images)
@@ -156,6 +176,7 @@ def train(
         "ema_rate": str(ema_rate),
         "diffusion_batch_mul": str(diffusion_batch_mul),
         "max_shift": str(max_shift),
+        "mask_schedule": mask_schedule,
         "init": "" if init is None else f"{init.name} ({_short_hash(init)})",
         "train_seconds": f"{time.time() - started:.0f}",
     }
@@ -175,6 +196,9 @@ def main() -> None:
     parser.add_argument("--diffusion-batch-mul", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-shift", type=int, default=1, help="augmentation: shift up to N px")
+    parser.add_argument(
+        "--mask-schedule", choices=MASK_SCHEDULES, default="truncnorm", help="mask ratio per step"
+    )
     parser.add_argument("--init", type=Path, help="start from these weights (a later stage)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -190,6 +214,7 @@ def main() -> None:
         args.out,
         args.init,
         args.max_shift,
+        args.mask_schedule,
     )
 
 

@@ -10,7 +10,7 @@ other non-200 answer, a bad body or a timeout is a failure.
 
 Knobs (environment variables, read once at start):
 
-    MARCHE_LT_STEPS=16          autoregressive steps per request (server default is 64)
+    MARCHE_LT_STEPS=16          autoregressive steps per request (server default: 128 for digits)
     MARCHE_LT_MODES=marche,mar  decoding mode of PNG requests, then of JSON/stream requests
     MARCHE_LT_CFG=              guidance scale; empty = the server's default
     MARCHE_LT_NUM_CLASSES=10    class ids are drawn from 0..N-1 (digits: 10; ImageNet: 1000)

@@ -69,8 +69,10 @@ def step_progress(total: int) -> Progress:
 
 @app.command()
 def generate(
-    class_id: Annotated[int, typer.Option(help="class to generate")] = 0,
-    num: Annotated[int, typer.Option(min=1, help="images to generate")] = 8,
+    class_id: Annotated[
+        list[int] | None, typer.Option(help="class to generate; repeat for one grid row each")
+    ] = None,
+    num: Annotated[int, typer.Option(min=1, help="images to generate per class")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the first image; image i uses seed+i")] = 0,
     cfg: Annotated[
         float | None, typer.Option(help="guidance scale (model default if unset)")
@@ -104,7 +106,8 @@ def generate(
 
     try:
         pipe = Pipeline.load(model, checkpoint=checkpoint, vae=vae, device=device, dtype=dtype)
-        pipe.check_class_ids([class_id])
+        class_ids = class_id or [0]
+        pipe.check_class_ids(class_ids)
         overrides = {
             "num_iter": steps,
             "cfg": cfg,
@@ -119,32 +122,34 @@ def generate(
     except (ValueError, CheckpointError) as exc:
         raise fail(str(exc)) from None
 
-    seeds = [seed + i for i in range(num)]
-    label = pipe.spec.labels[class_id]
+    # every class gets seeds seed .. seed+num-1: one row per class, one column per seed
+    jobs = [(c, seed + i) for c in class_ids for i in range(num)]
+    names = ", ".join(f"{c} ({pipe.spec.labels[c]})" for c in class_ids)
     with step_progress(params.num_iter) as progress:
-        task = progress.add_task(
-            f"{model} class {class_id} ({label}) x{num}", total=params.num_iter
-        )
+        task = progress.add_task(f"{model} class {names} x{num}", total=params.num_iter)
         tokens = pipe.generate_tokens(
-            [class_id] * num,
-            seeds,
+            [c for c, _ in jobs],
+            [s for _, s in jobs],
             params,
             policy,
             on_step=lambda info: progress.update(task, completed=info.step + 1),
         )
     images = images_to_uint8(pipe.decode(tokens))
+    nrow = num if len(class_ids) > 1 else None  # several classes: one row each
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(seeds):
-            path = out_dir / f"class{class_id}_seed{s}.png"
-            path.write_bytes(encode_image(images[i], "png", scale))
-            out.print(f"image {i}: class {class_id} ({label}) seed {s} -> {path}", highlight=False)
     else:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_bytes(encode_image(make_grid(images), "png", scale))
-        for i, s in enumerate(seeds):
-            out.print(f"image {i}: class {class_id} ({label}) seed {s}", highlight=False)
-        out.print(f"wrote {out_path} ({num} images, {params})", highlight=False)
+        out_path.write_bytes(encode_image(make_grid(images, nrow), "png", scale))
+    for i, (c, s) in enumerate(jobs):
+        line = f"image {i}: class {c} ({pipe.spec.labels[c]}) seed {s}"
+        if out_dir is not None:
+            path = out_dir / f"class{c}_seed{s}.png"
+            path.write_bytes(encode_image(images[i], "png", scale))
+            line += f" -> {path}"
+        out.print(line, highlight=False)
+    if out_dir is None:
+        out.print(f"wrote {out_path} ({len(jobs)} images, {params})", highlight=False)
 
 
 @app.command()

@@ -38,6 +38,28 @@ def test_generate_writes_a_grid_and_prints_seeds(tmp_path):
     assert image.size == (2 * 34 + 2, 36)  # two 32x32 digits in one row, 2 px padding
 
 
+def test_generate_several_classes_one_row_each_on_the_same_seeds(tmp_path):
+    out = tmp_path / "grid.png"
+    args = ["generate", "--class-id", "2", "--class-id", "5", "--num", "3", "--steps", "4"]
+    result = runner.invoke(app, [*args, "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "image 2: class 2 (2) seed 3" in result.output
+    assert "image 3: class 5 (5) seed 1" in result.output
+    assert "wrote" in result.output and "(6" in result.output  # rich may wrap the line
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # rows = classes, columns = seeds
+    # a class's images do not depend on which other classes share the grid
+    alone = tmp_path / "alone"
+    result = runner.invoke(
+        app, [*args[:3], "--num", "3", "--steps", "4", "--seed", "1", "--out-dir", str(alone)]
+    )
+    assert result.exit_code == 0, result.output
+    with_five = tmp_path / "both"
+    result = runner.invoke(app, [*args, "--seed", "1", "--out-dir", str(with_five)])
+    assert result.exit_code == 0, result.output
+    for name in ("class2_seed1.png", "class2_seed3.png"):
+        assert (alone / name).read_bytes() == (with_five / name).read_bytes()
+
+
 def test_generate_out_dir_one_file_per_image(tmp_path):
     result = runner.invoke(
         app,
@@ -67,6 +89,7 @@ def test_generate_out_dir_one_file_per_image(tmp_path):
     ("args", "message"),
     [
         (["--class-id", "12"], "class_id 12 is out of range for digits: 0..9"),
+        (["--class-id", "1", "--class-id", "10"], "class_id 10 is out of range"),
         (["--model", "mar_base"], "needs --checkpoint"),
         (["--model", "mar_base", "--checkpoint", "/nope/checkpoint-last.pth"], "not found"),
         (["--mode", "fast"], "unknown mode"),

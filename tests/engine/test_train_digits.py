@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.config import MAR_DIGITS
 from engine.model import MAR
-from engine.train_digits import train
+from engine.train_digits import sample_mask_ratios, train
 
 
 def _train(out, **kwargs):
@@ -42,3 +44,30 @@ def test_a_later_stage_starts_from_the_given_weights(tmp_path):
     with safe_open(str(tmp_path / "stage2.safetensors"), "pt") as f:
         info = json.loads(f.metadata()["info"])
     assert info["init"].startswith("stage1.safetensors") and info["max_shift"] == "0"
+
+
+@pytest.mark.parametrize(
+    "schedule, low, high, mean",
+    [
+        ("truncnorm", 0.7, 1.0, 0.867),  # upstream: never below 70% masked
+        ("cosine", 0.0, 1.0, 2 / np.pi),  # E[cos(pi u / 2)] = 2 / pi: late steps trained too
+    ],
+)
+def test_mask_ratio_schedules(schedule, low, high, mean):
+    ratios = sample_mask_ratios(schedule, 20_000, seed=0)
+    assert np.array_equal(ratios, sample_mask_ratios(schedule, 20_000, seed=0))
+    assert low <= ratios.min() and ratios.max() <= high
+    assert ratios.mean() == pytest.approx(mean, abs=0.01)
+    if schedule == "cosine":
+        assert (ratios < 0.3).mean() > 0.15  # ~19% of steps see an image over 70% known
+
+
+def test_unknown_mask_schedule_is_refused():
+    with pytest.raises(ValueError, match="mask schedule"):
+        sample_mask_ratios("uniform", 4, seed=0)
+
+
+def test_cosine_training_runs_and_records_its_schedule(tmp_path):
+    _train(tmp_path / "cos.safetensors", mask_schedule="cosine", steps=3)
+    with safe_open(str(tmp_path / "cos.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["info"])["mask_schedule"] == "cosine"
