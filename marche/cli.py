@@ -223,16 +223,20 @@ def quality(
     encoder: EncoderOpt = "cache",
     refresh: RefreshOpt = "attention",
     caching_tokens: CachingOpt = True,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="digits weights to score (default: the shipped ones)")
+    ] = None,
 ) -> None:
     """Quality of the shipped digits model against held-out real digits."""
     from dataclasses import replace
 
+    from engine.checkpoint import CheckpointError
     from engine.pipeline import Pipeline
     from engine.policy import make_policy
     from engine.quality import evaluate
 
     try:
-        pipe = Pipeline.load("digits", device="cpu")
+        pipe = Pipeline.load("digits", checkpoint=checkpoint, device="cpu")
         knobs = marche_config(
             budget, selection_layer, refresh_period, encoder, refresh, caching_tokens
         )
@@ -241,7 +245,7 @@ def quality(
         params = replace(
             pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None}
         )
-    except ValueError as exc:
+    except (ValueError, CheckpointError) as exc:
         raise fail(str(exc)) from None
     psnrs: list[float] = []
 
@@ -263,7 +267,8 @@ def quality(
             batch_size=batch_size,
             progress=lambda done, total: progress.update(task, completed=done),
         )
-    result = {"mode": mode, "params": params.__dict__, **report.to_dict()}
+    weights = str(checkpoint) if checkpoint is not None else "shipped"
+    result = {"mode": mode, "weights": weights, "params": params.__dict__, **report.to_dict()}
     if mode == "marche":
         result["marche"] = knobs.__dict__
     if psnrs:

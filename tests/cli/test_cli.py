@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from marche.cli import app
@@ -165,6 +167,22 @@ def test_quality_marche_with_psnr_vs_mar(tmp_path):
     assert report["num_images"] == 10 and 0 <= report["accuracy"] <= 1
     assert report["marche"]["budget"] == 32 and report["marche"]["refresh"] == "random"
     assert 0 < report["psnr_vs_mar_db"] <= 100
+
+
+def test_quality_scores_another_checkpoint_and_refuses_a_wrong_one(tmp_path):
+    from engine.pipeline import MODELS
+
+    path = tmp_path / "q.json"
+    shipped = MODELS["digits"].weights
+    args = ["quality", "--num", "10", "--steps", "2", "--json", str(path)]
+    result = runner.invoke(app, [*args, "--checkpoint", str(shipped)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(path.read_text())["weights"] == str(shipped)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"not_a_key": torch.zeros(1)}, str(wrong))
+    result = runner.invoke(app, [*args, "--checkpoint", str(wrong)])
+    assert result.exit_code == 2
+    assert "not_a_key" in result.output
 
 
 def test_ablations_table_and_json(tmp_path):
