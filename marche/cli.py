@@ -135,21 +135,22 @@ def generate(
             on_step=lambda info: progress.update(task, completed=info.step + 1),
         )
     images = images_to_uint8(pipe.decode(tokens))
-    nrow = num if len(class_ids) > 1 else None  # several classes: one row each
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    else:
+    lines = [
+        f"image {i}: class {c} ({pipe.spec.labels[c]}) seed {s}" for i, (c, s) in enumerate(jobs)
+    ]
+    if out_dir is None:
+        nrow = num if len(class_ids) > 1 else None  # several classes: one row each
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(encode_image(make_grid(images, nrow), "png", scale))
-    for i, (c, s) in enumerate(jobs):
-        line = f"image {i}: class {c} ({pipe.spec.labels[c]}) seed {s}"
-        if out_dir is not None:
-            path = out_dir / f"class{c}_seed{s}.png"
-            path.write_bytes(encode_image(images[i], "png", scale))
-            line += f" -> {path}"
-        out.print(line, highlight=False)
-    if out_dir is None:
+        for line in lines:
+            out.print(line, highlight=False)
         out.print(f"wrote {out_path} ({len(jobs)} images, {params})", highlight=False)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for line, image, (c, s) in zip(lines, images, jobs, strict=True):
+        path = out_dir / f"class{c}_seed{s}.png"
+        path.write_bytes(encode_image(image, "png", scale))
+        out.print(f"{line} -> {path}", highlight=False)
 
 
 @app.command()
