@@ -48,10 +48,10 @@ ablations: install  ## MAR vs MARché vs the paper's ablations on digits (~15 mi
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install
-	$(BIN)/python -m engine.train_digits --out out/digits_stage1.safetensors
-	$(BIN)/python -m engine.train_digits --init out/digits_stage1.safetensors --max-shift 0 \
+	$(BIN)/python -m engine.train.train_digits --out out/digits_stage1.safetensors
+	$(BIN)/python -m engine.train.train_digits --init out/digits_stage1.safetensors --max-shift 0 \
 		--steps 2400 --lr 3e-4 --seed 1 --out out/digits_stage2.safetensors
-	$(BIN)/python -m engine.train_digits --init out/digits_stage2.safetensors --max-shift 0 \
+	$(BIN)/python -m engine.train.train_digits --init out/digits_stage2.safetensors --max-shift 0 \
 		--steps 2400 --lr 3e-4 --seed 2 --mask-schedule cosine --out out/digits.safetensors
 
 info: install

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from engine.vae import to_uint8
+from engine.model.vae import to_uint8
 
 __all__ = ["encode_image", "make_grid", "to_uint8"]
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.checkpoint import load_strict, read_state_dict
-from engine.compile import compile_model
-from engine.config import MAR_CONFIGS, MARConfig, SamplingParams
-from engine.digits import LABELS as DIGIT_LABELS
-from engine.model import MAR
-from engine.policy import DecodePolicy
-from engine.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.randomness import RequestRandomness
-from engine.sampler import StepInfo, sample_tokens
-from engine.tokenizer import KL16Tokenizer, PixelTokenizer, Tokenizer
-from engine.vae import KL16, AutoencoderKL, load_vae
+from engine.decode.compile import compile_model
+from engine.decode.policy import DecodePolicy
+from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
+from engine.decode.randomness import RequestRandomness
+from engine.decode.sampler import StepInfo, sample_tokens
+from engine.model.checkpoint import load_strict, read_state_dict
+from engine.model.config import MAR_CONFIGS, MARConfig, SamplingParams
+from engine.model.mar import MAR
+from engine.model.tokenizer import KL16Tokenizer, PixelTokenizer, Tokenizer
+from engine.model.vae import KL16, AutoencoderKL, load_vae
+from engine.train.digits import LABELS as DIGIT_LABELS
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 

@@ -39,7 +39,7 @@ CompileOpt = Annotated[
 
 
 def marche_config(budget, selection_layer, refresh_period, encoder, refresh, caching_tokens):
-    from engine.marche import MarcheConfig
+    from engine.decode.marche import MarcheConfig
 
     return MarcheConfig(
         budget=budget,
@@ -99,10 +99,10 @@ def generate(
     """Generate class-conditional images with a progress bar over the decoding steps."""
     from dataclasses import replace
 
-    from engine.checkpoint import CheckpointError
+    from engine.decode.policy import make_policy
     from engine.images import encode_image, images_to_uint8, make_grid
+    from engine.model.checkpoint import CheckpointError
     from engine.pipeline import Pipeline
-    from engine.policy import make_policy
 
     try:
         pipe = Pipeline.load(model, checkpoint=checkpoint, vae=vae, device=device, dtype=dtype)
@@ -162,7 +162,7 @@ def info(
     """Models known, device, dtype and parameter counts."""
     import torch
 
-    from engine.model import MAR
+    from engine.model.mar import MAR
     from engine.pipeline import MODELS, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
@@ -231,10 +231,10 @@ def quality(
     """Quality of the shipped digits model against held-out real digits."""
     from dataclasses import replace
 
-    from engine.checkpoint import CheckpointError
+    from engine.decode.policy import make_policy
+    from engine.eval.quality import evaluate
+    from engine.model.checkpoint import CheckpointError
     from engine.pipeline import Pipeline
-    from engine.policy import make_policy
-    from engine.quality import evaluate
 
     try:
         pipe = Pipeline.load("digits", checkpoint=checkpoint, device="cpu")
@@ -253,7 +253,7 @@ def quality(
     def gen(labels, seeds):
         images = pipe.generate(labels.tolist(), seeds, params=params, policy=policy)
         if psnr_vs_mar:
-            from engine.quality import psnr
+            from engine.eval.quality import psnr
 
             baseline = pipe.generate(labels.tolist(), seeds, params=params)
             psnrs.extend(psnr(images, baseline).tolist())
@@ -293,8 +293,8 @@ def ablations(
     """MAR vs MARché vs the paper's ablations of it, on the digits model, same seeds."""
     from dataclasses import replace
 
-    from engine.ablations import ablations as variants_of
-    from engine.ablations import run_ablations
+    from engine.eval.ablations import ablations as variants_of
+    from engine.eval.ablations import run_ablations
     from engine.pipeline import Pipeline
 
     try:
@@ -348,10 +348,10 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Time generation per mode (s/image, per-phase seconds, MARché speedup)."""
-    from engine.bench import PHASES
-    from engine.bench import bench as run_bench
-    from engine.config import SamplingParams
-    from engine.marche import MarcheConfig
+    from engine.decode.marche import MarcheConfig
+    from engine.eval.bench import PHASES
+    from engine.eval.bench import bench as run_bench
+    from engine.model.config import SamplingParams
 
     try:
         mode_list = [m.strip() for m in modes.split(",") if m.strip()]

@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from engine.config import SamplingParams
 from engine.images import encode_image, make_grid
+from engine.model.config import SamplingParams
 from service.engine_client import EngineClient, EngineRequest, LocalEngineClient
 from service.metrics import Metrics, PrometheusBackend
 from service.schemas import MAX_SEED, MEDIA_TYPES, GenerateRequest, GenerateResponse

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.config import SamplingParams
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 from service.metrics import Metrics
 from service.settings import ServiceSettings

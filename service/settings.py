@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.marche import MarcheConfig
+from engine.decode.marche import MarcheConfig
 
 
 class ServiceSettings(BaseSettings):

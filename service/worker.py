@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch.nn.functional as F
 
-from engine.config import SamplingParams
+from engine.decode.marche import MarcheConfig
+from engine.decode.policy import make_policy
+from engine.decode.sampler import StepInfo
 from engine.images import images_to_uint8
-from engine.marche import MarcheConfig
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
-from engine.policy import make_policy
-from engine.sampler import StepInfo
 from service.metrics import Metrics
 
 log = logging.getLogger("marche.worker")

@@ -16,7 +16,8 @@ class Block:
                                   'pydantic', 'service'}:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import engine.pipeline, engine.sampler, engine.model, engine.vae, engine.policy
+import engine.pipeline, engine.decode.sampler, engine.decode.policy
+import engine.model.mar, engine.model.vae, engine.eval.bench
 print('ok')
 """
 

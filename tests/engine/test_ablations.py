@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from engine.ablations import ABLATIONS, run_ablations
-from engine.marche import MarcheConfig
+from engine.decode.marche import MarcheConfig
+from engine.eval.ablations import ABLATIONS, run_ablations
 from engine.pipeline import Pipeline
 
 

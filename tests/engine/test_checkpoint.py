@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError, read_state_dict
-from engine.config import MAR_TINY
+from engine.model.checkpoint import CheckpointError, read_state_dict
+from engine.model.config import MAR_TINY
 from engine.pipeline import load_mar
 
 
@@ -62,7 +62,7 @@ def test_unexpected_key_and_wrong_shape_are_named(tmp_path, weights):
 
 
 def test_wrong_model_size_fails_loudly(ref):
-    from engine.config import MAR_DIGITS
+    from engine.model.config import MAR_DIGITS
 
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_mar(MAR_DIGITS, ref / "tiny_weights_perturbed.safetensors")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import diffloss
-from engine.config import MAR_BASE, MAR_HUGE, MAR_LARGE, MAR_TINY, SamplingParams
-from engine.diffusion import DiffusionSchedule
-from engine.model import MAR, gather_tokens
-from engine.policy import FullRecompute
-from engine.sampler import sample_tokens
+from engine.decode.policy import FullRecompute
+from engine.decode.sampler import sample_tokens
+from engine.model import diffloss
+from engine.model.config import MAR_BASE, MAR_HUGE, MAR_LARGE, MAR_TINY, SamplingParams
+from engine.model.diffusion import DiffusionSchedule
+from engine.model.mar import MAR, gather_tokens
 from tests.engine.replay import ReplayRandomness
 
 ATOL = RTOL = 1e-5

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from engine.compile import compile_model
-from engine.config import MAR_DIGITS, MAR_TINY, SamplingParams
-from engine.marche import Marche, MarcheConfig
-from engine.model import MAR
-from engine.policy import make_policy
-from engine.randomness import RequestRandomness
-from engine.sampler import sample_tokens
+from engine.decode.compile import compile_model
+from engine.decode.marche import Marche, MarcheConfig
+from engine.decode.policy import make_policy
+from engine.decode.randomness import RequestRandomness
+from engine.decode.sampler import sample_tokens
+from engine.model.config import MAR_DIGITS, MAR_TINY, SamplingParams
+from engine.model.mar import MAR
 
 
 @pytest.fixture(scope="module")

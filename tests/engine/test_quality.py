@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.digits import DigitsSplit
-from engine.quality import (
+from engine.eval.quality import (
     DigitClassifier,
     QualityReport,
     classifier_accuracy,
@@ -22,6 +21,7 @@ from engine.quality import (
     quantize,
     train_classifier,
 )
+from engine.train.digits import DigitsSplit
 
 
 def gaussian_samples(rng: np.random.Generator, mean: np.ndarray, cov: np.ndarray, n: int):
@@ -207,7 +207,7 @@ def test_evaluate_defaults_use_the_cached_classifier(classifier):
 
 
 def test_psnr_table():
-    from engine.quality import psnr
+    from engine.eval.quality import psnr
 
     a = torch.full((2, 1, 4, 4), -1.0)
     b = a.clone()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import MAR_TINY, SamplingParams
-from engine.model import MAR
-from engine.randomness import RequestRandomness
-from engine.sampler import StepInfo, sample_tokens
+from engine.decode.randomness import RequestRandomness
+from engine.decode.sampler import StepInfo, sample_tokens
+from engine.model.config import MAR_TINY, SamplingParams
+from engine.model.mar import MAR
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from engine.diffusion import space_timesteps
-from engine.schedules import cfg_scale, mask_len, step_plan
+from engine.decode.schedules import cfg_scale, mask_len, step_plan
+from engine.model.diffusion import space_timesteps
 
 
 def test_every_official_table_is_reproduced(ref):

@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
-from engine.config import MAR_DIGITS, MAR_TINY
-from engine.tokenizer import KL16Tokenizer, PixelTokenizer, patchify, unpatchify
-from engine.vae import LATENT_SCALE, VAEConfig, load_vae
+from engine.model.config import MAR_DIGITS, MAR_TINY
+from engine.model.tokenizer import KL16Tokenizer, PixelTokenizer, patchify, unpatchify
+from engine.model.vae import LATENT_SCALE, VAEConfig, load_vae
 
 
 def test_patch_size_one_is_channel_last_row_major():

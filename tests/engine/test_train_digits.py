@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.config import MAR_DIGITS
-from engine.model import MAR
-from engine.train_digits import sample_mask_ratios, train
+from engine.model.config import MAR_DIGITS
+from engine.model.mar import MAR
+from engine.train.train_digits import sample_mask_ratios, train
 
 
 def _train(out, **kwargs):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError
-from engine.vae import KL16, LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae, to_uint8
+from engine.model.checkpoint import CheckpointError
+from engine.model.vae import KL16, LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae, to_uint8
 
 
 def reference_dir() -> Path:

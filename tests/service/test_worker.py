@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.config import SamplingParams
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 from service.metrics import Metrics, PrometheusBackend
 from service.worker import EngineWorker, Job, JobCancelled

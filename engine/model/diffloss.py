@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from engine.diffusion import DiffusionSchedule
+from engine.model.diffusion import DiffusionSchedule
 
 MODULATION_BUDGET = 1 << 24  # elements of precomputed adaLN outputs per block of steps
 

@@ -23,7 +23,7 @@ from scipy import linalg
 from scipy.spatial.distance import pdist
 from torch import Tensor, nn
 
-from engine.digits import IMAGE_SIZE, LABELS, DigitsSplit, load_digits_split
+from engine.train.digits import IMAGE_SIZE, LABELS, DigitsSplit, load_digits_split
 
 NUM_CLASSES = len(LABELS)
 FEATURE_DIM = 64

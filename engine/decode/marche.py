@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.model import MAR, gather_tokens
+from engine.model.mar import MAR, gather_tokens
 
 REFRESH_RULES = ("attention", "random", "low_attention")
 ENCODER_MODES = ("full", "cache")

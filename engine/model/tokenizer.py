@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from engine.config import MARConfig
+from engine.model.config import MARConfig
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:

@@ -1,7 +1,7 @@
 """MARché's quality ablations on the shipped digits model (the paper's Tables 2-3, our data).
 
 One process, one set of seeds: exact MAR first (its images are kept as the PSNR reference),
-then MARché with its defaults and each ablation. Every row is the `engine.quality` report of
+then MARché with its defaults and each ablation. Every row is the `engine.eval.quality` report of
 that policy plus the mean per-image PSNR against MAR on the same seeds.
 """
 
@@ -12,11 +12,11 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from engine.config import SamplingParams
-from engine.marche import Marche, MarcheConfig
+from engine.decode.marche import Marche, MarcheConfig
+from engine.decode.policy import FullRecompute
+from engine.eval.quality import evaluate, psnr
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
-from engine.policy import FullRecompute
-from engine.quality import evaluate, psnr
 
 
 def ablations(base: MarcheConfig | None = None) -> dict[str, MarcheConfig]:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import MARConfig
-from engine.diffloss import DiffLoss
+from engine.model.config import MARConfig
+from engine.model.diffloss import DiffLoss
 
 
 class Attention(nn.Module):

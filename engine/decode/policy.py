@@ -11,8 +11,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from engine.marche import Marche, MarcheConfig
-from engine.model import MAR, gather_tokens
+from engine.decode.marche import Marche, MarcheConfig
+from engine.model.mar import MAR, gather_tokens
 
 
 class DecodePolicy(Protocol):

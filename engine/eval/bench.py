@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import SamplingParams
-from engine.marche import MarcheConfig
+from engine.decode.marche import MarcheConfig
+from engine.decode.policy import make_policy
+from engine.decode.profiling import PhaseTimer
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
-from engine.policy import make_policy
-from engine.profiling import PhaseTimer
 
 PHASES = ("encoder", "decoder", "diffusion_head", "vae")
 

@@ -1,6 +1,6 @@
 """Train the shipped digits MAR on CPU (reproducible: one seed drives everything).
 
-    python -m engine.train_digits --out engine/weights/digits.safetensors
+    python -m engine.train.train_digits --out engine/weights/digits.safetensors
 
 The training objective is upstream MAR's (`MAR.forward`): random generation orders, a mask
 ratio drawn from a truncated normal on [0.7, 1] (or, with `--mask-schedule cosine`, from the
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-from engine.config import MAR_DIGITS, MARConfig
-from engine.diffusion import NUM_TRAIN_TIMESTEPS, DiffusionSchedule, training_loss
-from engine.digits import load_digits_split
-from engine.model import MAR, gather_tokens
-from engine.tokenizer import patchify
+from engine.model.config import MAR_DIGITS, MARConfig
+from engine.model.diffusion import NUM_TRAIN_TIMESTEPS, DiffusionSchedule, training_loss
+from engine.model.mar import MAR, gather_tokens
+from engine.model.tokenizer import patchify
+from engine.train.digits import load_digits_split
 
 log = logging.getLogger("train_digits")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.checkpoint import load_strict, read_state_dict
+from engine.model.checkpoint import load_strict, read_state_dict
 
 LATENT_SCALE = 0.2325  # MAR's scale factor: tokens = latent * 0.2325
 

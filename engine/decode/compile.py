@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.model import MAR
+from engine.model.mar import MAR
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 

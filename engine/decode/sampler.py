@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine import diffloss
-from engine.config import SamplingParams
-from engine.model import MAR
-from engine.policy import DecodePolicy, FullRecompute
-from engine.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.randomness import Randomness
-from engine.schedules import cfg_scale, step_plan
+from engine.decode.policy import DecodePolicy, FullRecompute
+from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
+from engine.decode.randomness import Randomness
+from engine.decode.schedules import cfg_scale, step_plan
+from engine.model import diffloss
+from engine.model.config import SamplingParams
+from engine.model.mar import MAR
 
 
 @dataclass(frozen=True)

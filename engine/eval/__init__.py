@@ -1,0 +1,1 @@
+"""How well and how fast: the digits quality harness, the ablation table, the benchmark."""
