@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.decode.head import HeadPolicy
 from engine.model.mar import MAR, gather_tokens
 
 REFRESH_RULES = ("attention", "random", "low_attention")
@@ -60,8 +61,11 @@ class Marche:
 
     name = "marche"
 
-    def __init__(self, config: MarcheConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, config: MarcheConfig | None = None, seed: int = 0, head: HeadPolicy | None = None
+    ) -> None:
         self.config = config or MarcheConfig()
+        self.head = head or HeadPolicy()
         self.seed = seed  # only the "random" refresh ablation draws from it
         self.stats: list[float] = []  # active-token fraction of each step (1.0 on full steps)
 
@@ -84,22 +88,39 @@ class Marche:
     # -- the policy protocol -------------------------------------------------------------------
 
     def encode(
-        self, model: MAR, step: int, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor
+        self,
+        model: MAR,
+        step: int,
+        tokens: Tensor,
+        known_idx: Tensor,
+        class_embedding: Tensor,
+        force_full: bool = False,
     ) -> Tensor:
-        # A full step refills every cache: the first call, every refresh_period-th call, or
-        # any call whose budget covers all tokens anyway (then MARché is exactly baseline).
+        # A full step refills every cache: the first call, every refresh_period-th call, a
+        # forced one, or any call whose budget covers all tokens anyway (then MARché is
+        # exactly baseline). Calls may pass a leading subset of the rows the caches were
+        # allocated for (the condition cache runs the conditional half alone).
         covers_all = self.config.budget >= model.cfg.buffer_size + model.cfg.seq_len
-        self.full = covers_all or self.num_calls % self.config.refresh_period == 0
+        periodic = self.num_calls % self.config.refresh_period == 0
+        self.full = force_full or covers_all or periodic
         self.num_calls += 1
         return self._encoder(model, tokens, known_idx, class_embedding, self.full)
 
     def decode(
-        self, model: MAR, step: int, enc: Tensor, known_idx: Tensor, pred_idx: Tensor
+        self,
+        model: MAR,
+        step: int,
+        enc: Tensor,
+        known_idx: Tensor,
+        pred_idx: Tensor,
+        all_positions: bool = False,
     ) -> Tensor:
+        if all_positions and not self.full:
+            raise ValueError("hidden states at every position exist on full steps only")
         x = model.decoder_input(enc, known_idx)  # (B', buffer + L, D)
-        z = self._decoder(model, x, pred_idx, self.full)
+        h = self._decoder(model, x, pred_idx, self.full, all_positions)
         self.prev_pred = pred_idx
-        return z
+        return h
 
     def select(self, rows: Tensor) -> None:
         """Retire rows: every per-batch cache keeps only `rows` (B' indexing, both CFG halves)."""
@@ -121,7 +142,7 @@ class Marche:
         """Encoder output for buffer + known tokens, in slot order = generation order."""
         if self.config.encoder == "full":
             return model.forward_encoder(tokens, known_idx, class_embedding)
-        buf = model.cfg.buffer_size
+        buf, rows = model.cfg.buffer_size, len(tokens)
         if full or self.enc_out is None:
             x = model.encoder_input(tokens, known_idx, class_embedding)
             num_slots = buf + model.cfg.seq_len
@@ -129,11 +150,11 @@ class Marche:
                 self.enc_cache = self._alloc(model.encoder_blocks, x, num_slots)
             n = x.shape[1]
             for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
-                x = block.forward_fill(x, k[:, :n], v[:, :n])
+                x = block.forward_fill(x, k[:rows, :n], v[:rows, :n])
             out = model.encoder_norm(x)
             if self.enc_out is None:
                 self.enc_out = out.new_empty(len(out), num_slots, out.shape[-1])
-            self.enc_out[:, :n] = out
+            self.enc_out[:rows, :n] = out
             self.enc_len = n
             return out
         # append-only: tokens generated since the last call are the last columns of known_idx
@@ -141,10 +162,10 @@ class Marche:
         new_idx = known_idx[:, start - buf :]
         x = model.embed_known(tokens, new_idx)  # the new tokens only
         for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
-            x = block.forward_prefix(x, start, k, v)
-        self.enc_out[:, start:end] = model.encoder_norm(x)
+            x = block.forward_prefix(x, start, k[:rows], v[:rows])
+        self.enc_out[:rows, start:end] = model.encoder_norm(x)
         self.enc_len = end
-        return self.enc_out[:, :end]
+        return self.enc_out[:rows, :end]
 
     def _alloc(self, blocks, x: Tensor, num_slots: int) -> list[tuple[Tensor, Tensor]]:
         """Per-layer token-major K/V caches (B', N, H, hd), allocated once per run."""
@@ -158,9 +179,12 @@ class Marche:
 
     # -- decoder ----------------------------------------------------------------------------------
 
-    def _decoder(self, model: MAR, x: Tensor, pred_idx: Tensor, full: bool) -> Tensor:
+    def _decoder(
+        self, model: MAR, x: Tensor, pred_idx: Tensor, full: bool, all_positions: bool
+    ) -> Tensor:
+        """Hidden states before decoder_norm at pred_idx (or every image position)."""
         cfg, buf = self.config, model.cfg.buffer_size
-        num_slots = x.shape[1]
+        num_slots, rows = x.shape[1], len(x)
         blocks = model.decoder_blocks
         sel = cfg.selection_layer
         gen_slots = buf + pred_idx  # (B', k)
@@ -172,9 +196,9 @@ class Marche:
             if self.dec_cache is None:
                 self.dec_cache = self._alloc(late, x, num_slots)
             for block, (k, v) in zip(late, self.dec_cache, strict=True):
-                x = block.forward_fill(x, k, v)
+                x = block.forward_fill(x, k[:rows], v[:rows])
             self.stats.append(1.0)
-            return model.decoder_output_at(gather_tokens(x, gen_slots), pred_idx)
+            return x[:, buf:] if all_positions else gather_tokens(x, gen_slots)
 
         x, scores = blocks[sel - 1].forward_scored(x, gen_slots)
         active = self._active_slots(scores, gen_slots, buf)  # (B', n_active), generating first
@@ -182,16 +206,15 @@ class Marche:
         flat = _flat_slots(active, num_slots)
         x = gather_tokens(x, active)
         for block, (k, v) in zip(late, self.dec_cache, strict=True):
-            x = block.forward_active(x, flat, k, v)
-        k_gen = pred_idx.shape[1]
-        return model.decoder_output_at(x[:, :k_gen], pred_idx)
+            x = block.forward_active(x, flat, k[:rows], v[:rows])
+        return x[:, : pred_idx.shape[1]]  # the generating tokens come first
 
     def _active_slots(self, scores: Tensor, gen_slots: Tensor, buf: int) -> Tensor:
         """[generating | caching | refreshing] slots per row: distinct, static count."""
         cfg = self.config
         forced = [gen_slots]
         if cfg.caching_tokens and self.prev_pred is not None:
-            forced.append(buf + self.prev_pred)
+            forced.append(buf + self.prev_pred[: len(gen_slots)])
         forced_slots = torch.cat(forced, dim=1)  # (B', f) distinct: disjoint position sets
         num_refresh = max(0, cfg.budget - forced_slots.shape[1])
         num_refresh = min(num_refresh, scores.shape[1] - forced_slots.shape[1])

@@ -19,7 +19,6 @@ from engine.decode.policy import DecodePolicy, FullRecompute
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import Randomness
 from engine.decode.schedules import cfg_scale, step_plan
-from engine.model import diffloss
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
 
@@ -92,15 +91,17 @@ def sample_tokens(
         with timer.phase("encoder"):
             enc = policy.encode(model, s.index, x, idx, class_embedding)  # (B', buf + n, D)
         with timer.phase("decoder"):
-            z = policy.decode(model, s.index, enc, idx, pidx)  # (B', k, D)
+            h = policy.decode(model, s.index, enc, idx, pidx)  # (B', k, D) before the norm
+            z = model.decoder_output_at(h, pidx)  # (B', k, D)
 
         k = s.num_pred
         x_T, step_noise = randomness.noise(s.index, pred_idx)  # (B, k, C), (T, B, k, C)
         row_cfg = cfg_table[s.index][:, None].repeat_interleave(k, dim=0)  # (B*k, 1)
         with timer.phase("diffusion_head"):
-            sampled = diffloss.sample(
-                model.diffloss.net,
-                model.diffloss.gen_schedule,
+            sampled = policy.head.sample(
+                model.diffloss,
+                s.index,
+                num_iter,
                 z.reshape(-1, z.shape[-1]),  # (B'*k, D)
                 x_T.reshape(bsz * k, -1).float(),
                 step_noise.reshape(step_noise.shape[0], bsz * k, -1).float(),

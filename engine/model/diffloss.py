@@ -114,6 +114,24 @@ class SimpleMLPAdaLN(nn.Module):
         layers = [*self.res_blocks, self.final_layer]
         return [layer.adaLN_modulation(y) for layer in layers]
 
+    @property
+    def gate_width(self) -> int:
+        """Features of `gate_modulations`: W per res block, 2W for the final layer."""
+        width = self.input_proj.out_features
+        return (len(self.res_blocks) + 2) * width
+
+    def gate_modulations(self, y: Tensor) -> list[Tensor]:
+        """Each res block's adaLN gate (..., W) and the final layer's adaLN output (..., 2W):
+        what a step needs that reuses the blocks' MLP outputs (the head cache)."""
+        width = self.input_proj.out_features
+        act = torch.nn.functional.silu(y)
+        gates = []
+        for block in self.res_blocks:
+            linear = block.adaLN_modulation[-1]
+            weight, bias = linear.weight[2 * width :], linear.bias[2 * width :]
+            gates.append(torch.nn.functional.linear(act, weight, bias))
+        return [*gates, self.final_layer.adaLN_modulation(y)]
+
     def forward_modulated(self, x: Tensor, mods: list[Tensor]) -> Tensor:
         """The MLP given `modulations(y)` (one (N, kW) tensor per layer)."""
         x = self.input_proj(x)
@@ -197,14 +215,18 @@ def sample(
             cond_eps, uncond_eps = out[:, :channels].chunk(2)
             eps = uncond_eps + cfg * (cond_eps - uncond_eps)
             v = out[: len(x), channels:]
-        frac = (v + 1) / 2
-        log_var = (
-            frac * coef["log_betas"][i] + (1 - frac) * coef["posterior_log_variance_clipped"][i]
-        )
-        x0 = coef["sqrt_recip_alphas_cumprod"][i] * x - coef["sqrt_recipm1_alphas_cumprod"][i] * eps
-        mean = coef["posterior_mean_coef1"][i] * x0 + coef["posterior_mean_coef2"][i] * x
-        if i > 0:
-            x = mean + torch.exp(0.5 * log_var) * step_noise[num_t - 1 - i] * temperature
-        else:
-            x = mean
+        x = ddpm_step(coef, i, x, eps, v, step_noise[num_t - 1 - i], temperature)
     return x
+
+
+def ddpm_step(
+    coef: dict[str, Tensor], i: int, x: Tensor, eps: Tensor, v: Tensor, noise: Tensor, temp: Tensor
+) -> Tensor:
+    """x_{i-1} from x_i given the net's eps and variance interpolation v (learned range)."""
+    frac = (v + 1) / 2
+    log_var = frac * coef["log_betas"][i] + (1 - frac) * coef["posterior_log_variance_clipped"][i]
+    x0 = coef["sqrt_recip_alphas_cumprod"][i] * x - coef["sqrt_recipm1_alphas_cumprod"][i] * eps
+    mean = coef["posterior_mean_coef1"][i] * x0 + coef["posterior_mean_coef2"][i] * x
+    if i > 0:
+        return mean + torch.exp(0.5 * log_var) * noise * temp
+    return mean

@@ -106,7 +106,13 @@ class DiffusionSchedule:
         base = cosine_betas()
         if not respacing:
             return cls.from_betas(base, np.arange(len(base), dtype=np.int64))
-        use = set(space_timesteps(len(base), respacing))
+        return cls.from_kept(space_timesteps(len(base), respacing))
+
+    @classmethod
+    def from_kept(cls, kept: list[int]) -> DiffusionSchedule:
+        """The cosine diffusion respaced to the base timesteps `kept` (upstream's rule)."""
+        base = cosine_betas()
+        use = set(kept)
         last, new_betas, tmap = 1.0, [], []
         for i, ac in enumerate(np.cumprod(1.0 - base, axis=0)):
             if i in use:

@@ -265,6 +265,14 @@ class MAR(nn.Module):
         pos_embed = self.diffusion_pos_embed_learned.expand(len(x), -1, -1)
         return self.decoder_norm(x) + gather_tokens(pos_embed, pos)
 
+    def forward_decoder_hidden(self, x: Tensor, known_idx: Tensor) -> Tensor:
+        """The decoder's last hidden states at the image positions, before decoder_norm:
+        (B, L, D). `decoder_output_at` turns them into z."""
+        x = self.decoder_input(x, known_idx)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return x[:, self.cfg.buffer_size :]
+
     def forward_decoder(self, x: Tensor, known_idx: Tensor) -> Tensor:
         """Upstream `forward_mae_decoder`: all buffer + L positions, z for every position."""
         x = self.decoder_input(x, known_idx)

@@ -143,12 +143,13 @@ class RecordingPolicy(FullRecompute):
     """Baseline MAR that also keeps each step's z (to compare with the trace)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.z: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def decode(self, model, step, enc, known_idx, pred_idx):
-        z = super().decode(model, step, enc, known_idx, pred_idx)
-        self.z[step] = (z, pred_idx)
-        return z
+        h = super().decode(model, step, enc, known_idx, pred_idx)
+        self.z[step] = (model.decoder_output_at(h, pred_idx), pred_idx)
+        return h
 
 
 def in_official_row_order(z: torch.Tensor, pred_idx: torch.Tensor) -> torch.Tensor:

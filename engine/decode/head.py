@@ -1,0 +1,201 @@
+"""The diffusion head's decoding policy: how many DDPM steps each AR step gets, and which of
+those steps run the whole MLP.
+
+Two knobs, both exact when off (`HeadConfig()` is upstream's sampler, bit for bit):
+
+* **step schedule** (DiSA, arXiv 2505.20297): the number of DDPM steps T as a function of AR
+  progress, annealed from `upper` at the first AR step to `lower` at the last, `linear`
+  (DiSA's rule: T = lower + int((N-1-s)/(N-1) * (upper-lower))) or `cosine`. Annealed counts are
+  respaced evenly over base timesteps [0, clip]: DiSA clips at 950 because the last base steps of
+  the cosine schedule have alpha_bar ~ 1e-9, where the first DDPM step multiplies the head's eps
+  error by 1/sqrt(alpha_bar) (our digits head needed the same: see the README);
+* **head cache** (LazyMAR's `CachedDiffLoss`, arXiv 2503.12450): the MLP runs in full only on
+  every `cache_period`-th diffusion step and on the noisiest `cache_full_fraction` of them. A
+  full step stores each res block's MLP output (conditional rows) and the CFG difference
+  eps_c - eps_u. The other steps run the conditional rows only: the input projection and the
+  adaLN gates are recomputed for the new (x_t, t), the blocks' MLP outputs are reused, the
+  final layer runs, and eps_u = eps_c - (eps_c - eps_u)_cached.
+
+The noise stream is the model's own (T_native draws per token), whatever T a step uses: step
+j of any schedule takes draw j, so an accelerated image differs from exact MAR's only by the
+approximation, never by different random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.model import diffloss
+from engine.model.diffloss import DiffLoss, SimpleMLPAdaLN, modulate
+from engine.model.diffusion import NUM_TRAIN_TIMESTEPS, DiffusionSchedule
+
+HEAD_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Diffusion-head knobs. The defaults are exact MAR: the model's own steps, no cache."""
+
+    schedule: str = "constant"  # DDPM steps per AR step: constant | linear | cosine
+    upper: int | None = None  # steps at the first AR step (None: the model's own count)
+    lower: int = 5  # steps at the last AR step (annealed schedules)
+    clip: int = 950  # annealed schedules: the noisiest base timestep kept
+    cache_period: int = 0  # head cache: a full MLP every cache_period-th step (0: off)
+    cache_full_fraction: float = 0.1  # head cache: the noisiest share of steps always full
+
+    def __post_init__(self) -> None:
+        if self.schedule not in HEAD_SCHEDULES:
+            raise ValueError(f"head schedule must be one of {HEAD_SCHEDULES}")
+        if self.lower < 1 or (self.upper is not None and self.upper < self.lower):
+            raise ValueError("head steps need 1 <= lower <= upper")
+        if not 0 < self.clip < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"clip must be in 1..{NUM_TRAIN_TIMESTEPS - 1}")
+        if self.cache_period < 0 or not 0.0 <= self.cache_full_fraction <= 1.0:
+            raise ValueError("cache_period >= 0 and 0 <= cache_full_fraction <= 1 are needed")
+
+    @property
+    def exact(self) -> bool:
+        return self.schedule == "constant" and self.upper is None and self.cache_period == 0
+
+    def num_steps(self, step: int, num_iter: int, native: int) -> int:
+        """DDPM steps of the head at AR step `step` of `num_iter`."""
+        upper = native if self.upper is None else min(self.upper, native)
+        if self.schedule == "constant":
+            return upper
+        lower = min(self.lower, upper)
+        progress = step / (num_iter - 1) if num_iter > 1 else 0.0  # 0 first AR step, 1 last
+        if self.schedule == "linear":
+            weight = 1.0 - progress
+        else:
+            weight = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lower + int(weight * (upper - lower))
+
+
+@lru_cache(maxsize=256)
+def clipped_schedule(num_steps: int, clip: int) -> DiffusionSchedule:
+    """The cosine diffusion respaced to `num_steps` base timesteps evenly over [0, clip]."""
+    kept = np.unique(np.round(np.linspace(0, clip, num_steps)).astype(np.int64))
+    return DiffusionSchedule.from_kept(kept.tolist())
+
+
+class HeadPolicy:
+    """Samples the tokens of one AR step with the head, under a `HeadConfig`."""
+
+    def __init__(self, config: HeadConfig | None = None) -> None:
+        self.config = config or HeadConfig()
+        self.calls: list[tuple[int, int]] = []  # (DDPM steps, of which full) per AR step
+
+    def schedule(self, head: DiffLoss, step: int, num_iter: int) -> DiffusionSchedule:
+        native = head.gen_schedule
+        cfg = self.config
+        if cfg.schedule == "constant" and (cfg.upper is None or cfg.upper >= native.num_timesteps):
+            return native
+        return clipped_schedule(cfg.num_steps(step, num_iter, native.num_timesteps), cfg.clip)
+
+    def sample(
+        self,
+        head: DiffLoss,
+        step: int,
+        num_iter: int,
+        z: Tensor,
+        x_T: Tensor,
+        step_noise: Tensor,
+        temperature: Tensor,
+        cfg: Tensor | None,
+    ) -> Tensor:
+        """x_0 (N, C) for conditions z (N or 2N rows, see `diffloss.sample`)."""
+        schedule = self.schedule(head, step, num_iter)
+        num_t = schedule.num_timesteps
+        noise = step_noise[:num_t]  # call j takes draw j of the model's own stream
+        if self.config.cache_period == 0:
+            self.calls.append((num_t, num_t))
+            return diffloss.sample(head.net, schedule, z, x_T, noise, temperature, cfg)
+        full = full_steps(num_t, self.config.cache_period, self.config.cache_full_fraction)
+        self.calls.append((num_t, len(full)))
+        return sample_cached(head.net, schedule, z, x_T, noise, temperature, cfg, full)
+
+
+def full_steps(num_t: int, period: int, full_fraction: float) -> frozenset[int]:
+    """Diffusion indices i (T-1 = noisiest) that run the whole MLP under the head cache."""
+    num_noisy = math.ceil(full_fraction * num_t)
+    return frozenset(
+        i for i in range(num_t) if i >= num_t - max(1, num_noisy) or (num_t - 1 - i) % period == 0
+    )
+
+
+def _stream(
+    fn, y_base: Tensor, t_emb: Tensor, steps: list[int], per_step: int
+) -> Iterator[list[Tensor]]:
+    """adaLN outputs fn(y) for each diffusion index in `steps`, in order, computed in blocks of
+    steps (one matmul per block, as `diffloss.sample` does)."""
+    block = max(1, diffloss.MODULATION_BUDGET // max(1, per_step))
+    for lo in range(0, len(steps), block):
+        chunk = steps[lo : lo + block]
+        mods = fn(y_base[None] + t_emb[chunk][:, None])  # each (blk, N, kW)
+        for j in range(len(chunk)):
+            yield [m[j] for m in mods]
+
+
+@torch.no_grad()
+def sample_cached(
+    net: SimpleMLPAdaLN,
+    schedule: DiffusionSchedule,
+    z: Tensor,
+    x_T: Tensor,
+    step_noise: Tensor,
+    temperature: Tensor,
+    cfg: Tensor | None,
+    full: frozenset[int],
+) -> Tensor:
+    """`diffloss.sample` with LazyMAR's head cache (module docstring); same arguments, plus the
+    diffusion indices that run in full (the noisiest one must be among them)."""
+    num_t, channels, n = schedule.num_timesteps, x_T.shape[1], len(x_T)
+    assert num_t - 1 in full, "the first diffusion step must fill the cache"
+    coef = schedule.coefficients(x_T.device)
+    tmap = torch.from_numpy(schedule.timestep_map).to(x_T.device)
+    c_emb = net.cond_embed(z)  # (N or 2N, W)
+    t_emb = net.time_embed(tmap)  # (T, W)
+    order = list(reversed(range(num_t)))
+    full_order = [i for i in order if i in full]
+    lazy_order = [i for i in order if i not in full]
+    full_mods = _stream(net.modulations, c_emb, t_emb, full_order, len(z) * net.modulation_width)
+    lazy_mods = _stream(net.gate_modulations, c_emb[:n], t_emb, lazy_order, n * net.gate_width)
+    mlp_out: list[Tensor] = []  # per res block: its MLP output on the last full step (N, W)
+    delta_cfg: Tensor | None = None  # eps_c - eps_u on the last full step (N, C)
+    x = x_T
+    for i in order:
+        if i in full:
+            mods = next(full_mods)
+            h = net.input_proj(torch.cat([x, x]) if cfg is not None else x)
+            mlp_out = []
+            for block, mod in zip(net.res_blocks, mods[:-1], strict=True):
+                shift, scale, gate = mod.chunk(3, dim=-1)
+                out = block.mlp(modulate(block.in_ln(h), shift, scale))
+                mlp_out.append(out[:n])
+                h = h + gate * out
+            out = net.final_layer(h, mods[-1]).float()
+            if cfg is None:
+                eps = out[:, :channels]
+            else:
+                cond_eps, uncond_eps = out[:, :channels].chunk(2)
+                delta_cfg = cond_eps - uncond_eps
+                eps = uncond_eps + cfg * delta_cfg
+            v = out[:n, channels:]
+        else:
+            gates = next(lazy_mods)
+            h = net.input_proj(x)
+            for gate, out in zip(gates[:-1], mlp_out, strict=True):
+                h = h + gate * out
+            out = net.final_layer(h, gates[-1]).float()
+            eps, v = out[:, :channels], out[:, channels:]
+            if delta_cfg is not None:  # eps_u = eps_c - delta: eps_u + cfg (eps_c - eps_u)
+                eps = eps + (cfg - 1) * delta_cfg
+        x = diffloss.ddpm_step(coef, i, x, eps, v, step_noise[num_t - 1 - i], temperature)
+    return x
