@@ -33,6 +33,9 @@ PeriodOpt = Annotated[int, typer.Option(help="MARché: full refresh every R step
 EncoderOpt = Annotated[str, typer.Option(help="MARché encoder: cache or full")]
 RefreshOpt = Annotated[str, typer.Option(help="MARché refresh: attention, random, low_attention")]
 CachingOpt = Annotated[bool, typer.Option(help="MARché: include last step's tokens")]
+ModeOpt = Annotated[
+    str, typer.Option(help="decoding: mar (exact), marche (cache-aware), turbo (every cache)")
+]
 CompileOpt = Annotated[
     str, typer.Option(help="torch.compile the hot paths: off, default, reduce-overhead, ...")
 ]
@@ -80,7 +83,7 @@ def generate(
     cfg_schedule: Annotated[str | None, typer.Option(help="linear or constant")] = None,
     steps: Annotated[int | None, typer.Option(help="autoregressive steps (num_iter)")] = None,
     temperature: Annotated[float | None, typer.Option(help="diffusion noise temperature")] = None,
-    mode: Annotated[str, typer.Option(help="decoding: mar (exact baseline) or marche")] = "mar",
+    mode: ModeOpt = "mar",
     model: ModelOpt = "digits",
     checkpoint: CheckpointOpt = None,
     vae: VaeOpt = None,
@@ -207,7 +210,7 @@ def info(
 
 @app.command()
 def quality(
-    mode: Annotated[str, typer.Option(help="decoding policy")] = "mar",
+    mode: ModeOpt = "mar",
     num: Annotated[int, typer.Option(min=10, help="images to generate (class-balanced)")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
     steps: Annotated[int | None, typer.Option(help="autoregressive steps")] = None,
@@ -229,9 +232,9 @@ def quality(
     ] = None,
 ) -> None:
     """Quality of the shipped digits model against held-out real digits."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
-    from engine.decode.policy import make_policy
+    from engine.decode.policy import make_policy, preset
     from engine.eval.quality import evaluate
     from engine.model.checkpoint import CheckpointError
     from engine.pipeline import Pipeline
@@ -270,8 +273,7 @@ def quality(
         )
     weights = str(checkpoint) if checkpoint is not None else "shipped"
     result = {"mode": mode, "weights": weights, "params": params.__dict__, **report.to_dict()}
-    if mode == "marche":
-        result["marche"] = knobs.__dict__
+    result["decoding"] = asdict(preset(mode, knobs))
     if psnrs:
         result["psnr_vs_mar_db"] = sum(psnrs) / len(psnrs)
     out.print_json(json.dumps(result))
@@ -288,20 +290,26 @@ def ablations(
     budget: BudgetOpt = 64,
     selection_layer: SelectionOpt = 2,
     refresh_period: PeriodOpt = 3,
+    variant_set: Annotated[
+        str,
+        typer.Option(
+            "--set", help="marche: the paper's ablations; turbo: each turbo knob and the presets"
+        ),
+    ] = "marche",
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows here")] = None,
 ) -> None:
-    """MAR vs MARché vs the paper's ablations of it, on the digits model, same seeds."""
+    """Exact MAR vs each decoding variant on the digits model, same seeds, PSNR vs MAR."""
     from dataclasses import replace
 
-    from engine.eval.ablations import ablations as variants_of
     from engine.eval.ablations import run_ablations
+    from engine.eval.ablations import variant_set as variants_of
     from engine.pipeline import Pipeline
 
     try:
         base = marche_config(budget, selection_layer, refresh_period, "cache", "attention", True)
+        variants = variants_of(variant_set, base)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    variants = variants_of(base)
     pipe = Pipeline.load("digits", device="cpu")
     params = pipe.spec.defaults if steps is None else replace(pipe.spec.defaults, num_iter=steps)
     with step_progress(num) as progress:
@@ -332,72 +340,124 @@ def ablations(
 
 @app.command()
 def bench(
-    model: ModelOpt = "mar_base",
+    model: Annotated[
+        str, typer.Option(help="digits, mar_base, mar_large, mar_huge (--flops: comma-separated)")
+    ] = "mar_base",
     batch: Annotated[int, typer.Option(min=1, help="images per batch")] = 1,
-    steps: Annotated[int, typer.Option(min=1, help="autoregressive steps")] = 64,
-    cfg: Annotated[float, typer.Option(help="guidance scale (1.0 = no CFG)")] = 1.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="AR steps (model default)")] = None,
+    cfg: Annotated[float | None, typer.Option(help="guidance scale (model default)")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    modes: Annotated[str, typer.Option(help="comma-separated: mar,marche")] = "mar,marche",
-    repeats: Annotated[int, typer.Option(min=1, help="timed runs per mode")] = 1,
+    modes: Annotated[str, typer.Option(help="comma-separated modes")] = "mar,marche,turbo",
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per mode (interleaved)")] = 1,
     budget: BudgetOpt = 64,
     selection_layer: SelectionOpt = 2,
     refresh_period: PeriodOpt = 3,
     encoder: EncoderOpt = "cache",
     compile: CompileOpt = "off",
+    flops: Annotated[
+        bool, typer.Option("--flops", help="count FLOPs per image per phase instead of timing")
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
-    """Time generation per mode (s/image, per-phase seconds, MARché speedup)."""
-    from engine.decode.marche import MarcheConfig
-    from engine.eval.bench import PHASES
-    from engine.eval.bench import bench as run_bench
-    from engine.model.config import SamplingParams
+    """Time generation per mode (median s/image, per-phase seconds, speedup over exact MAR),
+    or with --flops count FLOPs per image per phase (device-independent)."""
+    from dataclasses import replace
 
+    from engine.decode.marche import MarcheConfig
+    from engine.pipeline import MODELS
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    models = [m.strip() for m in model.split(",") if m.strip()]
     try:
-        mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-        report = run_bench(
-            model,
-            mode_list,
-            batch,
-            SamplingParams(steps, cfg),
-            device,
-            dtype,
-            repeats,
-            marche=MarcheConfig(
-                budget=budget,
-                selection_layer=selection_layer,
-                refresh_period=refresh_period,
-                encoder=encoder,
-            ),
-            compile=compile,
+        knobs = MarcheConfig(
+            budget=budget,
+            selection_layer=selection_layer,
+            refresh_period=refresh_period,
+            encoder=encoder,
         )
+        for name in models:
+            if name not in MODELS:
+                raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        if flops:
+            from engine.eval.flops import flops_table
+
+            report = flops_table(models, mode_list, steps, cfg, batch, knobs)
+        else:
+            from engine.eval.bench import bench as run_bench
+
+            if len(models) != 1:
+                raise ValueError("timing takes one model (--flops takes several)")
+            defaults = MODELS[models[0]].defaults
+            params = replace(
+                defaults,
+                num_iter=steps or defaults.num_iter,
+                cfg=defaults.cfg if cfg is None else cfg,
+            )
+            report = run_bench(
+                models[0], mode_list, batch, params, device, dtype, repeats, marche=knobs,
+                compile=compile,
+            )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
+    if flops:
+        _print_flops(report)
+    else:
+        _print_timing(report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _print_flops(report: dict) -> None:
+    from engine.eval.flops import PHASES
+
+    for name, entry in report.items():
+        table = Table(
+            "mode",
+            *(f"{p} TF" for p in PHASES),
+            "total TF",
+            "vs mar",
+            title=f"{name}: FLOPs per image, {entry['steps']} steps, cfg {entry['cfg']}",
+        )
+        for mode, row in entry["modes"].items():
+            reduction = entry.get("reduction", {}).get(mode)
+            table.add_row(
+                mode,
+                *(f"{row[p] / 1e12:.3f}" for p in PHASES),
+                f"{row['total'] / 1e12:.3f}",
+                "-" if reduction is None else f"{reduction:.2f}x",
+            )
+        Console(width=130).print(table)
+
+
+def _print_timing(report: dict) -> None:
+    from engine.eval.bench import PHASES
+
     table = Table(
         "mode",
         "s/image",
         *PHASES,
         "active",
+        "vs mar",
         title=(
-            f"{model} on {report['device']} ({report['dtype']}), batch {batch}, {steps} steps, "
-            f"cfg {cfg}, compile {compile}"
+            f"{report['model']} on {report['device']} ({report['dtype']}), batch "
+            f"{report['batch']}, {report['steps']} steps, cfg {report['cfg']}, "
+            f"compile {report['compile']}, median of {report['repeats']}"
         ),
     )
     for name, r in report["modes"].items():
         ph = r["phases_s_per_image"]
         frac = r["active_fraction"]
+        speedup = report.get("speedup", {}).get(name)
         table.add_row(
             name,
             f"{r['s_per_image']:.3f}",
             *(f"{ph[p]:.3f}" for p in PHASES),
             "-" if frac is None else f"{frac:.2f}",
+            "-" if speedup is None else f"{speedup:.2f}x",
         )
-    Console(width=130).print(table)
-    if "speedup" in report:
-        out.print(f"speedup (MAR / MARché): {report['speedup']:.2f}x", highlight=False)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    Console(width=150).print(table)
 
 
 app.command()(serve)

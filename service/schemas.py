@@ -6,11 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.decode.policy import MODES
+
 MAX_IMAGES = 16
 MAX_STEPS = 256
 MAX_SEED = 2**63 - 1
 
 ImageFormat = Literal["png", "jpeg", "webp"]
+Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -31,7 +34,9 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="autoregressive steps")
     temperature: float | None = Field(None, ge=0, le=10, description="diffusion temperature")
     cfg_schedule: Literal["linear", "constant"] | None = None
-    mode: Literal["marche", "mar"] | None = Field(None, description="decoding policy")
+    mode: Mode | None = Field(
+        None, description="decoding: mar (exact), marche (cache-aware), turbo (every cache)"
+    )
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images; >1 returns a grid")
     format: ImageFormat = "png"
     response: Literal["image", "json"] | None = Field(

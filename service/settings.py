@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decode.marche import MarcheConfig
+from service.schemas import Mode
 
 
 class ServiceSettings(BaseSettings):
@@ -34,7 +35,7 @@ class ServiceSettings(BaseSettings):
     preview_every: int = Field(4, ge=1, description="stream a preview every N steps")
 
     # decoding defaults (a request may choose mode; the MARché knobs are per server)
-    default_mode: Literal["marche", "mar"] = "marche"
+    default_mode: Mode = "marche"
     marche_budget: int = Field(64, ge=1)
     marche_selection_layer: int = Field(2, ge=1)
     marche_refresh_period: int = Field(3, ge=1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import make_policy
+from engine.decode.policy import MODES, make_policy
 from engine.decode.sampler import StepInfo
 from engine.images import images_to_uint8
 from engine.model.config import SamplingParams
@@ -190,7 +190,7 @@ class EngineWorker:
     def _warmup(self) -> None:
         """One small generation per mode (allocates, and on CUDA picks kernels)."""
         params = SamplingParams(num_iter=2, cfg=2.0)
-        for mode in ("mar", "marche"):
+        for mode in MODES:
             self.pipeline.generate([0], [0], params=params, policy=make_policy(mode, self.marche))
 
     def _next_batch(self) -> list[Job] | None:

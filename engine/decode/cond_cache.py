@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CondCacheConfig:
-    """Full (both-halves) steps: the first `warmup` steps, then every `refresh_period`-th."""
+    """Full (both-halves) steps: the first `warmup` steps and every `refresh_period`-th step
+    (counted from the first, so they coincide with MARché's full steps at the same period)."""
 
     refresh_period: int = 3
     warmup: int = 1
@@ -42,7 +43,7 @@ class CondCacheConfig:
             raise ValueError("refresh_period and warmup must be >= 1")
 
     def full(self, call: int) -> bool:
-        return call < self.warmup or (call - self.warmup) % self.refresh_period == 0
+        return call < self.warmup or call % self.refresh_period == 0
 
 
 def _at(x: Tensor, idx: Tensor) -> Tensor:

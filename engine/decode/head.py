@@ -159,7 +159,7 @@ def sample_cached(
     num_t, channels, n = schedule.num_timesteps, x_T.shape[1], len(x_T)
     assert num_t - 1 in full, "the first diffusion step must fill the cache"
     coef = schedule.coefficients(x_T.device)
-    tmap = torch.from_numpy(schedule.timestep_map).to(x_T.device)
+    tmap = coef["timestep_map"]
     c_emb = net.cond_embed(z)  # (N or 2N, W)
     t_emb = net.time_embed(tmap)  # (T, W)
     order = list(reversed(range(num_t)))

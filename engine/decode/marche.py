@@ -174,7 +174,8 @@ class Marche:
         attn = blocks[0].attn
         shape = (len(x), num_slots, attn.num_heads, attn.head_dim)
         device = x.device.type  # K/V come out of qkv in the autocast dtype, if any
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = device != "meta" and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         return [(x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)) for _ in blocks]
 
     # -- decoder ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`marche bench`: time generation per decoding mode in one run, with per-phase seconds.
+"""`marche bench`: time generation per decoding mode in one run, with per-phase seconds
+(`--flops`: count FLOPs instead, `engine.eval.flops`).
 
 Official sizes run with random weights (speed does not depend on weight values); the digits
 model runs with its shipped weights. Every mode sees the same classes, seeds and settings.
@@ -7,6 +8,7 @@ model runs with its shipped weights. Every mode sees the same classes, seeds and
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import make_policy
+from engine.decode.policy import MODES, make_policy
 from engine.decode.profiling import PhaseTimer
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
@@ -25,21 +27,22 @@ PHASES = ("encoder", "decoder", "diffusion_head", "vae")
 @dataclass
 class ModeResult:
     mode: str
-    seconds: float  # wall time of the timed run(s), all phases
-    images: int
-    phases: dict[str, float] = field(default_factory=dict)
+    runs: list[float]  # wall seconds of each timed run (all phases), in run order
+    images: int  # images per run
+    phases: dict[str, float] = field(default_factory=dict)  # seconds summed over runs
     active_fraction: float | None = None  # MARché: mean decoder active-token fraction
 
     @property
     def s_per_image(self) -> float:
-        return self.seconds / self.images
+        """Median run time / images: robust to a run that another process slowed down."""
+        return statistics.median(self.runs) / self.images
 
     def to_dict(self) -> dict:
-        per_image = {k: v / self.images for k, v in self.phases.items()}
+        per_image = {k: v / (self.images * len(self.runs)) for k, v in self.phases.items()}
         return {
             "mode": self.mode,
             "s_per_image": self.s_per_image,
-            "seconds": self.seconds,
+            "runs_s": self.runs,
             "images": self.images,
             "phases_s_per_image": per_image,
             "active_fraction": self.active_fraction,
@@ -52,41 +55,31 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def run_mode(
+def run_once(
     pipe: Pipeline,
     mode: str,
     batch: int,
     params: SamplingParams,
-    repeats: int,
     marche: MarcheConfig | None,
+    timer: PhaseTimer,
     seed: int = 0,
-) -> ModeResult:
-    timer = PhaseTimer(pipe.device)
+) -> tuple[float, list[float]]:
+    """One generation of `batch` images (tokens + VAE): wall seconds, active fractions."""
     classes = [i % pipe.num_classes for i in range(batch)]
     seeds = [seed + i for i in range(batch)]
-    fractions: list[float] = []
+    policy = make_policy(mode, marche)
     start = time.perf_counter()
-    for _ in range(repeats):
-        policy = make_policy(mode, marche)
-        tokens = pipe.generate_tokens(classes, seeds, params, policy, timer=timer)
-        with timer.phase("vae"):
-            pipe.decode(tokens)
-        fractions += getattr(policy, "stats", [])
+    tokens = pipe.generate_tokens(classes, seeds, params, policy, timer=timer)
+    with timer.phase("vae"):
+        pipe.decode(tokens)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
-    seconds = time.perf_counter() - start
-    return ModeResult(
-        mode,
-        seconds,
-        batch * repeats,
-        {p: timer.seconds.get(p, 0.0) for p in PHASES},
-        sum(fractions) / len(fractions) if fractions else None,
-    )
+    return time.perf_counter() - start, list(getattr(policy, "stats", []))
 
 
 def bench(
     model: str = "mar_base",
-    modes: Sequence[str] = ("mar", "marche"),
+    modes: Sequence[str] = MODES,
     batch: int = 1,
     params: SamplingParams | None = None,
     device: str = "auto",
@@ -96,6 +89,9 @@ def bench(
     marche: MarcheConfig | None = None,
     compile: str = "off",
 ) -> dict:
+    """Time every mode on the same classes, seeds and settings. Timed runs interleave the
+    modes (mar, marche, turbo, mar, ...), so a slow spell of a shared machine hits all of
+    them; each mode reports its median run."""
     pipe = Pipeline.load(
         model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
     )
@@ -104,8 +100,25 @@ def bench(
     # specialised to each step's row count, so with --compile the warm-up is a full run.
     warm = params if compile != "off" else SamplingParams(warmup_steps, params.cfg)
     for mode in modes:
-        run_mode(pipe, mode, batch, warm, 1, marche)
-    results = {m: run_mode(pipe, m, batch, params, repeats, marche) for m in modes}
+        run_once(pipe, mode, batch, warm, marche, PhaseTimer(pipe.device))
+    timers = {m: PhaseTimer(pipe.device) for m in modes}
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    fractions: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            seconds, stats = run_once(pipe, mode, batch, params, marche, timers[mode])
+            runs[mode].append(seconds)
+            fractions[mode] += stats
+    results = {
+        m: ModeResult(
+            m,
+            runs[m],
+            batch,
+            {p: timers[m].seconds.get(p, 0.0) for p in PHASES},
+            sum(fractions[m]) / len(fractions[m]) if fractions[m] else None,
+        )
+        for m in modes
+    }
     report: dict = {
         "model": model,
         "device": device_name(pipe.device),
@@ -119,6 +132,7 @@ def bench(
         "marche": (marche or MarcheConfig()).__dict__,
         "modes": {m: r.to_dict() for m, r in results.items()},
     }
-    if "mar" in results and "marche" in results:
-        report["speedup"] = results["mar"].seconds / results["marche"].seconds
+    if "mar" in results:
+        mar = results["mar"].s_per_image
+        report["speedup"] = {m: mar / r.s_per_image for m, r in results.items()}
     return report

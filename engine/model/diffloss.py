@@ -189,7 +189,7 @@ def sample(
     Returns x_0 (N, C), float32.
     """
     coef = schedule.coefficients(x_T.device)
-    tmap = torch.from_numpy(schedule.timestep_map).to(x_T.device)
+    tmap = coef["timestep_map"]
     num_t, channels = schedule.num_timesteps, x_T.shape[1]
     c_emb = net.cond_embed(z)  # constant over the diffusion steps
     t_emb = net.time_embed(tmap)  # (T, W): one row per diffusion index

@@ -9,7 +9,7 @@ arrays are float64 numpy, as upstream keeps them, and are gathered to float32 fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class DiffusionSchedule:
     posterior_log_variance_clipped: np.ndarray
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
+    # device -> coefficients: built once per device, so a decoding step copies nothing from
+    # the host (on CUDA a pageable host-to-device copy waits for the stream)
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_timesteps(self) -> int:
@@ -132,7 +135,12 @@ class DiffusionSchedule:
             "posterior_mean_coef2": self.posterior_mean_coef2,
         }
         # float64 -> float32 rounding, exactly as upstream's `_extract_into_tensor(...).float()`
-        return {k: torch.from_numpy(v).float().to(device) for k, v in names.items()}
+        key = str(torch.device(device))
+        if key not in self._on_device:
+            coef = {k: torch.from_numpy(v).float().to(device) for k, v in names.items()}
+            coef["timestep_map"] = torch.from_numpy(self.timestep_map).to(device)
+            self._on_device[key] = coef
+        return self._on_device[key]
 
 
 # ----------------------------------------------------------------------------------------------

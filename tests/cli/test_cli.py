@@ -133,8 +133,9 @@ def test_bench_json_has_speedup_and_phases(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(path.read_text())
-    assert set(report["modes"]) == {"mar", "marche"}
-    assert report["speedup"] > 0
+    assert set(report["modes"]) == {"mar", "marche", "turbo"}
+    assert report["speedup"]["mar"] == 1.0 and report["speedup"]["turbo"] > 0
+    assert report["cfg"] == 5.0  # the model's default guidance unless --cfg is given
     for mode in report["modes"].values():
         assert mode["s_per_image"] > 0
         assert set(mode["phases_s_per_image"]) == {"encoder", "decoder", "diffusion_head", "vae"}
@@ -164,7 +165,8 @@ def test_quality_marche_with_psnr_vs_mar(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(path.read_text())
     assert report["num_images"] == 10 and 0 <= report["accuracy"] <= 1
-    assert report["marche"]["budget"] == 32 and report["marche"]["refresh"] == "random"
+    knobs = report["decoding"]["marche"]
+    assert knobs["budget"] == 32 and knobs["refresh"] == "random"
     assert 0 < report["psnr_vs_mar_db"] <= 100
 
 
@@ -193,3 +195,35 @@ def test_ablations_table_and_json(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [r["name"] for r in rows][:2] == ["MAR (exact)", "MARché (defaults)"]
     assert len(rows) == 6 and all(0 < r["psnr_vs_mar_db"] <= 100 for r in rows[1:])
+
+
+def test_bench_flops_counts_every_phase_and_mode(tmp_path):
+    path = tmp_path / "flops.json"
+    args = ["bench", "--flops", "--model", "digits", "--steps", "4", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())["digits"]
+    assert set(report["modes"]) == {"mar", "marche", "turbo"}
+    mar, turbo = report["modes"]["mar"], report["modes"]["turbo"]
+    assert mar["encoder"] > 0 and mar["decoder"] > 0 and mar["diffusion_head"] > 0
+    assert mar["vae"] == 0  # pixel tokenizer: no VAE
+    assert turbo["total"] < mar["total"] and report["reduction"]["turbo"] > 1
+    assert "turbo" in result.output and "vs mar" in result.output
+
+
+def test_bench_rejects_an_unknown_model():
+    result = runner.invoke(app, ["bench", "--flops", "--model", "digits,mar_giant"])
+    assert result.exit_code == 2 and "mar_giant" in result.output
+
+
+def test_ablations_turbo_set(tmp_path):
+    path = tmp_path / "ablations.json"
+    args = ["ablations", "--set", "turbo", "--num", "10", "--steps", "3", "--json", str(path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(path.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0] == "MAR (exact)" and "turbo (preset)" in names
+    assert "condition cache alone" in names and "head cache alone" in names
+    turbo = rows[names.index("turbo (preset)")]
+    assert turbo["decoding"]["cond_cache"] is not None and turbo["psnr_vs_mar_db"] < 100

@@ -16,6 +16,7 @@ from engine.decode.randomness import RequestRandomness
 from engine.decode.sampler import sample_tokens
 from engine.model.config import MAR_DIGITS, MAR_TINY, SamplingParams
 from engine.model.mar import MAR
+from tests.engine.conftest import run
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +24,6 @@ def tiny(ref) -> MAR:
     model = MAR(MAR_TINY).eval()
     model.load_state_dict(load_file(str(ref / "tiny_weights_perturbed.safetensors")))
     return model
-
-
-@pytest.fixture(scope="module")
-def deep() -> MAR:
-    """A random digits-shaped model: 256 tokens, 3 decoder layers (room for cached layers)."""
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(MAR_DIGITS, encoder_depth=2, decoder_depth=4)
-    model = MAR(cfg).eval()
-    with torch.no_grad():  # upstream init zeroes the head; give it something to say
-        for p in model.diffloss.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
-def run(model: MAR, policy, params: SamplingParams, classes=(3, 5), seeds=(1, 2)):
-    rng = RequestRandomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
-    return sample_tokens(model, torch.tensor(classes), [params] * len(classes), rng, policy)
 
 
 GUIDED = SamplingParams(num_iter=8, cfg=3.0)
