@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations train-digits info clean loadtest
+.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ quality: install
 
 ablations: install  ## MAR vs MARché vs the paper's ablations on digits (~15 min on 2 cores)
 	$(BIN)/marche ablations --num 200 --json out/ablations.json
+
+ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (~45 min on 2 cores)
+	$(BIN)/marche ablations --set turbo --num 500 --json out/ablations_turbo.json
+
+flops: install  ## FLOPs per image per phase, MAR-B/L/H, every mode (meta device, no GPU needed)
+	$(BIN)/marche bench --flops --model mar_base,mar_large,mar_huge --json out/flops.json
+
+bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, batch 1, modes interleaved
+	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 3 --json out/bench_cpu_b1.json
+
+bench-gpu:  ## on a CUDA node with CUDA torch installed: GPU tests + modes table, < 8 min
+	scripts/bench_gpu.sh out/gpu
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install

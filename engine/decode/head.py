@@ -130,15 +130,27 @@ def full_steps(num_t: int, period: int, full_fraction: float) -> frozenset[int]:
     )
 
 
+_INDEX: dict[tuple, Tensor] = {}  # (steps, device) -> the step list as a device tensor
+
+
+def _device_index(steps: tuple[int, ...], device: torch.device) -> Tensor:
+    """`steps` as an index tensor on `device`, built once (no host copy in later steps)."""
+    key = (steps, str(device))
+    if key not in _INDEX:
+        _INDEX[key] = torch.tensor(steps, dtype=torch.long, device=device)
+    return _INDEX[key]
+
+
 def _stream(
-    fn, y_base: Tensor, t_emb: Tensor, steps: list[int], per_step: int
+    fn, y_base: Tensor, t_emb: Tensor, steps: tuple[int, ...], per_step: int
 ) -> Iterator[list[Tensor]]:
     """adaLN outputs fn(y) for each diffusion index in `steps`, in order, computed in blocks of
     steps (one matmul per block, as `diffloss.sample` does)."""
     block = max(1, diffloss.MODULATION_BUDGET // max(1, per_step))
+    index = _device_index(steps, t_emb.device)
     for lo in range(0, len(steps), block):
-        chunk = steps[lo : lo + block]
-        mods = fn(y_base[None] + t_emb[chunk][:, None])  # each (blk, N, kW)
+        chunk = index[lo : lo + block]
+        mods = fn(y_base[None] + t_emb.index_select(0, chunk)[:, None])  # each (blk, N, kW)
         for j in range(len(chunk)):
             yield [m[j] for m in mods]
 
@@ -163,8 +175,8 @@ def sample_cached(
     c_emb = net.cond_embed(z)  # (N or 2N, W)
     t_emb = net.time_embed(tmap)  # (T, W)
     order = list(reversed(range(num_t)))
-    full_order = [i for i in order if i in full]
-    lazy_order = [i for i in order if i not in full]
+    full_order = tuple(i for i in order if i in full)
+    lazy_order = tuple(i for i in order if i not in full)
     full_mods = _stream(net.modulations, c_emb, t_emb, full_order, len(z) * net.modulation_width)
     lazy_mods = _stream(net.gate_modulations, c_emb[:n], t_emb, lazy_order, n * net.gate_width)
     mlp_out: list[Tensor] = []  # per res block: its MLP output on the last full step (N, W)

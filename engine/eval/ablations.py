@@ -16,7 +16,6 @@ from dataclasses import asdict, replace
 
 from torch import Tensor
 
-from engine.decode.cond_cache import CondCacheConfig
 from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import PRESETS, DecodeConfig, make_policy

@@ -1,0 +1,62 @@
+"""On a CUDA device (skipped without one; `scripts/bench_gpu.sh` runs them): every mode's
+knobs off are exact in fp32, every mode runs under bf16 autocast, and a non-full step makes
+no host sync (CUDA's sync debug mode turns any into an error)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.decode.policy import MODES, make_policy
+from engine.decode.randomness import RequestRandomness
+from engine.decode.sampler import sample_tokens
+from engine.model.config import SamplingParams
+from tests.engine.test_turbo import OFF
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+PARAMS = SamplingParams(num_iter=8, cfg=3.0)
+
+
+def run(model, policy, on_step=None):
+    rng = RequestRandomness((1, 2), model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cuda")
+    labels = torch.tensor((3, 5), device="cuda")
+    return sample_tokens(model, labels, [PARAMS] * 2, rng, policy, on_step=on_step)
+
+
+@pytest.fixture(scope="module")
+def cuda_deep(deep):
+    return deep.to("cuda")
+
+
+@pytest.mark.parametrize("name", list(OFF))
+def test_knobs_off_are_exact_on_cuda(cuda_deep, name):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    baseline = run(cuda_deep, make_policy("mar"))
+    out = run(cuda_deep, make_policy(OFF[name]))
+    torch.testing.assert_close(out, baseline, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_under_bf16_on_cuda(cuda_deep, mode):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = run(cuda_deep, make_policy(mode))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["marche", "turbo"])
+def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode):
+    policy = make_policy(mode)
+    run(cuda_deep, policy)  # warm: schedules' coefficients are on the device after this
+
+    def on_step(info):  # sync debug mode on for the steps after a full one
+        full = policy.stats[-1] == 1.0 if policy.stats else True
+        torch.cuda.set_sync_debug_mode("default" if full else "error")
+
+    policy = make_policy(mode)
+    try:
+        run(cuda_deep, policy, on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
