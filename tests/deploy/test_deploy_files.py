@@ -583,3 +583,41 @@ def test_start_script_starts_ray_then_serve_run():
 def test_start_script_is_valid_sh():
     result = subprocess.run(["sh", "-n", str(START_SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def dashboard_exprs(node: Any):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr":
+                yield value
+            else:
+                yield from dashboard_exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from dashboard_exprs(item)
+
+
+def test_dashboard_mode_variable_lists_every_engine_mode(dashboard):
+    from engine.decode.policy import MODES
+
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    mode = variables["mode"]
+    assert mode["query"].split(",") == list(MODES) and mode["includeAll"]
+    assert [o["value"] for o in mode["options"]] == ["$__all", *MODES]
+
+
+def test_every_mode_labelled_series_is_filtered_by_the_mode_variable(dashboard):
+    from service.metrics import SPECS
+
+    with_mode = {s.name.removeprefix("marche_").removesuffix("_total") for s in SPECS
+                 if "mode" in s.labels}  # fmt: skip
+    checked = 0
+    for expr in dashboard_exprs(dashboard["panels"]):
+        for selector in re.findall(r"[\w${}]*\{[^{}]*\}", expr):
+            found = re.search(
+                r"\$\{ns\}_([a-z_]+?)(_bucket|_sum|_count)?(\(_total\)\?)?[\"{]", selector
+            )
+            if found and found.group(1) in with_mode:
+                assert 'mode=~"$mode"' in selector, selector
+                checked += 1
+    assert checked >= 15
