@@ -53,7 +53,7 @@ flops: install  ## FLOPs per image per phase, MAR-B/L/H, every mode (meta device
 	$(BIN)/marche bench --flops --model mar_base,mar_large,mar_huge --json out/flops.json
 
 bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, batch 1, modes interleaved
-	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 3 --json out/bench_cpu_b1.json
+	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 2 --json out/bench_cpu_b1.json
 
 bench-gpu:  ## on a CUDA node with CUDA torch installed: GPU tests + modes table, < 8 min
 	scripts/bench_gpu.sh out/gpu

@@ -131,8 +131,8 @@ class Marche:
         self.dec_cache, self.enc_cache = pick(self.dec_cache), pick(self.enc_cache)
         if self.enc_out is not None:
             self.enc_out = self.enc_out[rows]
-        if self.prev_pred is not None:
-            self.prev_pred = self.prev_pred[rows]
+        if self.prev_pred is not None:  # a conditional-only step left the leading rows only
+            self.prev_pred = self.prev_pred[rows[rows < len(self.prev_pred)]]
 
     # -- encoder ----------------------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ PRESETS: dict[str, DecodeConfig] = {
     "marche": DecodeConfig(marche=MarcheConfig()),
     "turbo": DecodeConfig(
         marche=MarcheConfig(),
-        cond_cache=CondCacheConfig(),
+        cond_cache=CondCacheConfig(refresh_period=9),  # LazyMAR's K; rarer than MARché's R 3
         head=HeadConfig(schedule="linear", upper=50, lower=5, cache_period=3),
     ),
 }

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.decode.head import HeadPolicy
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import make_policy
+from engine.decode.policy import DecodeConfig, make_policy
 from engine.decode.sampler import sample_tokens
 from engine.model.config import SamplingParams
 from engine.model.diffloss import DiffLoss
@@ -115,7 +115,7 @@ def build(name: str, device: str = "meta") -> tuple[MAR, Tokenizer]:
 def count(
     model: MAR,
     tokenizer: Tokenizer,
-    mode: str,
+    mode: str | DecodeConfig,
     params: SamplingParams,
     batch: int = 1,
     marche: MarcheConfig | None = None,

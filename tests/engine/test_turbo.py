@@ -120,7 +120,9 @@ def test_an_image_does_not_depend_on_its_batch_mates(deep, mode):
     alone = run(deep, make_policy(mode), GUIDED, classes=(5,), seeds=(2,))
     mates = [SamplingParams(8, cfg=1.5, cfg_schedule="constant"), GUIDED, PLAIN]
     batch = run(deep, make_policy(mode), mates, classes=(1, 5, 9), seeds=(7, 2, 3))
-    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+    # GEMMs of another batch shape round differently in the last bits (seen: 1.4e-5 after 8
+    # steps of a random model); a batch-dependent computation would differ by O(1)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -150,8 +152,8 @@ def test_every_mode_runs_under_bf16_autocast(deep, mode):
     inner = getattr(policy, "inner", policy)
     for k, v in getattr(inner, "dec_cache", None) or []:
         assert k.dtype == v.dtype == torch.bfloat16
-    if hasattr(policy, "diff"):
-        assert policy.diff.dtype == torch.bfloat16
+    if hasattr(policy, "diff"):  # the residual stream (and so the diff) stays fp32
+        assert policy.diff.dtype == torch.float32 and torch.isfinite(policy.diff).all()
 
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "lift_fresh"}
