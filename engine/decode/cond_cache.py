@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from engine.model.mar import MAR
+from engine.model.mar import MAR, gather_tokens
 
 if TYPE_CHECKING:
     from engine.decode.policy import DecodePolicy
@@ -44,10 +44,6 @@ class CondCacheConfig:
 
     def full(self, call: int) -> bool:
         return call < self.warmup or call % self.refresh_period == 0
-
-
-def _at(x: Tensor, idx: Tensor) -> Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, D)
 
 
 class CondCache:
@@ -106,10 +102,10 @@ class CondCache:
             h = self.inner.decode(model, step, enc, known_idx, pred_idx, all_positions=True)
             cond, uncond = h.chunk(2)  # each (B, L, D)
             self.diff = uncond - cond
-            return h if all_positions else _at(h, pred_idx)
+            return h if all_positions else gather_tokens(h, pred_idx)
         b = self.batch_size
         h_cond = self.inner.decode(model, step, enc, known_idx[:b], pred_idx[:b], all_positions)
-        diff = self.diff if all_positions else _at(self.diff, pred_idx[:b])
+        diff = self.diff if all_positions else gather_tokens(self.diff, pred_idx[:b])
         return torch.cat([h_cond, h_cond + diff])
 
     def select(self, rows: Tensor) -> None:

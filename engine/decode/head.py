@@ -90,7 +90,6 @@ class HeadPolicy:
 
     def __init__(self, config: HeadConfig | None = None) -> None:
         self.config = config or HeadConfig()
-        self.calls: list[tuple[int, int]] = []  # (DDPM steps, of which full) per AR step
 
     def schedule(self, head: DiffLoss, step: int, num_iter: int) -> DiffusionSchedule:
         native = head.gen_schedule
@@ -115,10 +114,8 @@ class HeadPolicy:
         num_t = schedule.num_timesteps
         noise = step_noise[:num_t]  # call j takes draw j of the model's own stream
         if self.config.cache_period == 0:
-            self.calls.append((num_t, num_t))
             return diffloss.sample(head.net, schedule, z, x_T, noise, temperature, cfg)
         full = full_steps(num_t, self.config.cache_period, self.config.cache_full_fraction)
-        self.calls.append((num_t, len(full)))
         return sample_cached(head.net, schedule, z, x_T, noise, temperature, cfg, full)
 
 

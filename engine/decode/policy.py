@@ -22,7 +22,7 @@ from torch import Tensor
 from engine.decode.cond_cache import CondCache, CondCacheConfig
 from engine.decode.head import HeadConfig, HeadPolicy
 from engine.decode.marche import Marche, MarcheConfig
-from engine.model.mar import MAR
+from engine.model.mar import MAR, gather_tokens
 
 
 class DecodePolicy(Protocol):
@@ -104,15 +104,10 @@ class FullRecompute:
         all_positions: bool = False,
     ) -> Tensor:
         h = model.forward_decoder_hidden(enc, known_idx)  # (B', L, D)
-        return h if all_positions else gather_rows(h, pred_idx)
+        return h if all_positions else gather_tokens(h, pred_idx)
 
     def select(self, rows: Tensor) -> None:
         pass  # stateless
-
-
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, L, C) at positions idx (B, n) -> (B, n, C)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 @dataclass(frozen=True)

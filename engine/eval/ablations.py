@@ -69,11 +69,6 @@ def variant_set(name: str, base: MarcheConfig | None = None) -> dict[str, Decode
 ABLATIONS = ablations()
 
 
-def describe(config: DecodeConfig) -> dict:
-    """The knobs of a config as plain JSON values (None for knobs that are off)."""
-    return asdict(config)
-
-
 def run_ablations(
     pipe: Pipeline,
     params: SamplingParams,
@@ -104,9 +99,7 @@ def run_ablations(
     for name, config in variants.items():
         psnrs: list[float] = []
         row = report(name, _versus_mar(pipe, params, config, reference, psnrs))
-        rows.append(
-            {**row, "decoding": describe(config), "psnr_vs_mar_db": sum(psnrs) / len(psnrs)}
-        )
+        rows.append({**row, "decoding": asdict(config), "psnr_vs_mar_db": sum(psnrs) / len(psnrs)})
     return rows
 
 
