@@ -18,7 +18,7 @@ from torch import Tensor
 from engine.decode.compile import compile_model
 from engine.decode.policy import DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.decode.randomness import RequestRandomness
+from engine.decode.randomness import request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
 from engine.model.checkpoint import load_strict, read_state_dict
 from engine.model.config import MAR_CONFIGS, MARConfig, SamplingParams
@@ -159,7 +159,7 @@ class Pipeline:
         if params is None or isinstance(params, SamplingParams):
             params = [params or self.spec.defaults] * len(class_ids)
         cfg = self.model.cfg
-        randomness = RequestRandomness(
+        randomness = request_randomness(
             seeds,
             cfg.seq_len,
             cfg.token_embed_dim,

@@ -85,8 +85,21 @@ def clipped_schedule(num_steps: int, clip: int) -> DiffusionSchedule:
     return DiffusionSchedule.from_kept(kept.tolist())
 
 
+@dataclass(frozen=True, eq=False)
+class HeadPlan:
+    """What the head does for one AR step: its DDPM schedule and, under the head cache, the
+    diffusion indices that run the whole MLP. Rows with equal `key`s share a head call."""
+
+    schedule: DiffusionSchedule
+    full: frozenset[int] | None = None  # None: every step in full (no head cache)
+
+    @property
+    def key(self) -> tuple:
+        return (id(self.schedule), self.full)
+
+
 class HeadPolicy:
-    """Samples the tokens of one AR step with the head, under a `HeadConfig`."""
+    """Plans the head's work for an AR step under a `HeadConfig`."""
 
     def __init__(self, config: HeadConfig | None = None) -> None:
         self.config = config or HeadConfig()
@@ -98,27 +111,34 @@ class HeadPolicy:
             return native
         return clipped_schedule(cfg.num_steps(step, num_iter, native.num_timesteps), cfg.clip)
 
-    def sample(
-        self,
-        head: DiffLoss,
-        step: int,
-        num_iter: int,
-        z: Tensor,
-        x_T: Tensor,
-        step_noise: Tensor,
-        temperature: Tensor,
-        cfg: Tensor | None,
-    ) -> Tensor:
-        """x_0 (N, C) for conditions z (N or 2N rows, see `diffloss.sample`)."""
+    def plan(self, head: DiffLoss, step: int, num_iter: int) -> HeadPlan:
         schedule = self.schedule(head, step, num_iter)
-        num_t = schedule.num_timesteps
-        noise = step_noise[:num_t]  # call j takes draw j of the model's own stream
         if self.config.cache_period == 0:
-            return diffloss.sample(head.net, schedule, z, x_T, noise, temperature, cfg)
+            return HeadPlan(schedule)
+        num_t = schedule.num_timesteps
         full = full_steps(num_t, self.config.cache_period, self.config.cache_full_fraction)
-        return sample_cached(head.net, schedule, z, x_T, noise, temperature, cfg, full)
+        return HeadPlan(schedule, full)
 
 
+def sample(
+    head: DiffLoss,
+    plan: HeadPlan,
+    z: Tensor,
+    x_T: Tensor,
+    step_noise: Tensor,
+    temperature: Tensor,
+    cfg: Tensor | None,
+) -> Tensor:
+    """x_0 (N, C) for conditions z (N or 2N rows, see `diffloss.sample`) under `plan`.
+
+    step_noise holds the model's whole stream (T_native, N, C): call j takes draw j."""
+    noise = step_noise[: plan.schedule.num_timesteps]
+    if plan.full is None:
+        return diffloss.sample(head.net, plan.schedule, z, x_T, noise, temperature, cfg)
+    return sample_cached(head.net, plan.schedule, z, x_T, noise, temperature, cfg, plan.full)
+
+
+@lru_cache(maxsize=1024)
 def full_steps(num_t: int, period: int, full_fraction: float) -> frozenset[int]:
     """Diffusion indices i (T-1 = noisiest) that run the whole MLP under the head cache."""
     num_noisy = math.ceil(full_fraction * num_t)

@@ -14,6 +14,12 @@ The encoder is a knob: "full" recomputes it (exact given the tokens, as baseline
 keeps an append-only cache (as LazyMAR): only newly known tokens go through it between full
 steps. With a budget covering every token and a refresh each step, the output equals
 baseline MAR.
+
+Every cache lives in the row's slot of a `SlotPool`, and each row keeps its own refresh phase:
+full steps are `transformer.full_pass` (with the caches filled), lazy steps are `lazy_pass`
+below, and rows at different steps share one lazy pass (ragged lengths are padded: padded
+appended tokens and padded active tokens repeat a real one of their row, so they write the
+same K/V to the same slot, and their outputs are dropped).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.decode.head import HeadPolicy
+from engine.decode.pool import SlotPool
+from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
+from engine.decode.transformer import Call, class_embedding, length_mask, pad, tokens_of
 from engine.model.mar import MAR, gather_tokens
 
 REFRESH_RULES = ("attention", "random", "low_attention")
@@ -50,183 +58,102 @@ class MarcheConfig:
             raise ValueError(f"encoder must be one of {ENCODER_MODES}")
 
 
-def _flat_slots(slots: Tensor, num_slots: int) -> Tensor:
-    """(B, n) slots -> (B*n,) row-major indices into a (B*N, ...) view of a cache."""
-    rows = torch.arange(len(slots), device=slots.device)[:, None]
-    return (rows * num_slots + slots).flatten()
-
-
-class Marche:
-    """The MARché decoding policy (see module docstring). One instance per batch run."""
-
-    name = "marche"
-
-    def __init__(
-        self, config: MarcheConfig | None = None, seed: int = 0, head: HeadPolicy | None = None
-    ) -> None:
-        self.config = config or MarcheConfig()
-        self.head = head or HeadPolicy()
-        self.seed = seed  # only the "random" refresh ablation draws from it
-        self.stats: list[float] = []  # active-token fraction of each step (1.0 on full steps)
-
-    def begin(self, model: MAR, batch_size: int, num_iter: int) -> None:
-        if self.config.selection_layer > len(model.decoder_blocks):
-            raise ValueError(
-                f"selection_layer {self.config.selection_layer} > decoder depth "
-                f"{len(model.decoder_blocks)}"
+def lazy_pass(
+    model: MAR,
+    pool: SlotPool,
+    config: MarcheConfig,
+    calls: list[Call],
+    timer: PhaseTimer | NullTimer = NULL_TIMER,
+) -> None:
+    """A non-full MARché step for `calls` (rows whose caches are filled); sets each call's h."""
+    buf, seq_len = model.cfg.buffer_size, model.cfg.seq_len
+    rows = pool.rows([c.pool_row for c in calls])
+    known = [c.known for c in calls]
+    with timer.phase("encoder"):
+        if config.encoder == "cache":
+            enc = _append_encoder(model, pool, calls, rows)
+        else:
+            key_mask = length_mask([buf + len(k) for k in known], pool.device)
+            enc = model.forward_encoder(
+                tokens_of(pool, calls), pad(known, 0), class_embedding(model, calls), key_mask
             )
-        self.dec_cache: list[tuple[Tensor, Tensor]] | None = None
-        self.enc_cache: list[tuple[Tensor, Tensor]] | None = None
-        self.enc_out: Tensor | None = None
-        self.enc_len = 0  # slots of enc_out / the encoder caches that are filled
-        self.prev_pred: Tensor | None = None
-        self.num_calls = 0
-        self.full = True
-        self.stats = []
-        self.generator: torch.Generator | None = None
-
-    # -- the policy protocol -------------------------------------------------------------------
-
-    def encode(
-        self,
-        model: MAR,
-        step: int,
-        tokens: Tensor,
-        known_idx: Tensor,
-        class_embedding: Tensor,
-        force_full: bool = False,
-    ) -> Tensor:
-        # A full step refills every cache: the first call, every refresh_period-th call, a
-        # forced one, or any call whose budget covers all tokens anyway (then MARché is
-        # exactly baseline). Calls may pass a leading subset of the rows the caches were
-        # allocated for (the condition cache runs the conditional half alone).
-        covers_all = self.config.budget >= model.cfg.buffer_size + model.cfg.seq_len
-        periodic = self.num_calls % self.config.refresh_period == 0
-        self.full = force_full or covers_all or periodic
-        self.num_calls += 1
-        return self._encoder(model, tokens, known_idx, class_embedding, self.full)
-
-    def decode(
-        self,
-        model: MAR,
-        step: int,
-        enc: Tensor,
-        known_idx: Tensor,
-        pred_idx: Tensor,
-        all_positions: bool = False,
-    ) -> Tensor:
-        if all_positions and not self.full:
-            raise ValueError("hidden states at every position exist on full steps only")
-        x = model.decoder_input(enc, known_idx)  # (B', buffer + L, D)
-        h = self._decoder(model, x, pred_idx, self.full, all_positions)
-        self.prev_pred = pred_idx
-        return h
-
-    def select(self, rows: Tensor) -> None:
-        """Retire rows: every per-batch cache keeps only `rows` (B' indexing, both CFG halves)."""
-
-        def pick(caches: list[tuple[Tensor, Tensor]] | None) -> list[tuple[Tensor, Tensor]] | None:
-            return None if caches is None else [(k[rows], v[rows]) for k, v in caches]
-
-        self.dec_cache, self.enc_cache = pick(self.dec_cache), pick(self.enc_cache)
-        if self.enc_out is not None:
-            self.enc_out = self.enc_out[rows]
-        if self.prev_pred is not None:  # a conditional-only step left the leading rows only
-            self.prev_pred = self.prev_pred[rows[rows < len(self.prev_pred)]]
-
-    # -- encoder ----------------------------------------------------------------------------------
-
-    def _encoder(
-        self, model: MAR, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor, full: bool
-    ) -> Tensor:
-        """Encoder output for buffer + known tokens, in slot order = generation order."""
-        if self.config.encoder == "full":
-            return model.forward_encoder(tokens, known_idx, class_embedding)
-        buf, rows = model.cfg.buffer_size, len(tokens)
-        if full or self.enc_out is None:
-            x = model.encoder_input(tokens, known_idx, class_embedding)
-            num_slots = buf + model.cfg.seq_len
-            if self.enc_cache is None:  # once per run; full steps overwrite in place
-                self.enc_cache = self._alloc(model.encoder_blocks, x, num_slots)
-            n = x.shape[1]
-            for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
-                x = block.forward_fill(x, k[:rows, :n], v[:rows, :n])
-            out = model.encoder_norm(x)
-            if self.enc_out is None:
-                self.enc_out = out.new_empty(len(out), num_slots, out.shape[-1])
-            self.enc_out[:rows, :n] = out
-            self.enc_len = n
-            return out
-        # append-only: tokens generated since the last call are the last columns of known_idx
-        start, end = self.enc_len, buf + known_idx.shape[1]
-        new_idx = known_idx[:, start - buf :]
-        x = model.embed_known(tokens, new_idx)  # the new tokens only
-        for block, (k, v) in zip(model.encoder_blocks, self.enc_cache, strict=True):
-            x = block.forward_prefix(x, start, k[:rows], v[:rows])
-        self.enc_out[:rows, start:end] = model.encoder_norm(x)
-        self.enc_len = end
-        return self.enc_out[:rows, :end]
-
-    def _alloc(self, blocks, x: Tensor, num_slots: int) -> list[tuple[Tensor, Tensor]]:
-        """Per-layer token-major K/V caches (B', N, H, hd), allocated once per run."""
-        if len(blocks) == 0:
-            return []
-        attn = blocks[0].attn
-        shape = (len(x), num_slots, attn.num_heads, attn.head_dim)
-        device = x.device.type  # K/V come out of qkv in the autocast dtype, if any
-        autocast = device != "meta" and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        return [(x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)) for _ in blocks]
-
-    # -- decoder ----------------------------------------------------------------------------------
-
-    def _decoder(
-        self, model: MAR, x: Tensor, pred_idx: Tensor, full: bool, all_positions: bool
-    ) -> Tensor:
-        """Hidden states before decoder_norm at pred_idx (or every image position)."""
-        cfg, buf = self.config, model.cfg.buffer_size
-        num_slots, rows = x.shape[1], len(x)
-        blocks = model.decoder_blocks
-        sel = cfg.selection_layer
-        gen_slots = buf + pred_idx  # (B', k)
+    with timer.phase("decoder"):
+        x = model.decoder_input(enc, pad(known, seq_len))  # (G, buf + L, D)
+        blocks, sel = model.decoder_blocks, config.selection_layer
         for block in blocks[: sel - 1]:
             x = block(x)
-        late = blocks[sel:]
-        if full or self.dec_cache is None:  # no selection on a full step: skip the scoring
-            x = blocks[sel - 1](x)
-            if self.dec_cache is None:
-                self.dec_cache = self._alloc(late, x, num_slots)
-            for block, (k, v) in zip(late, self.dec_cache, strict=True):
-                x = block.forward_fill(x, k[:rows], v[:rows])
-            self.stats.append(1.0)
-            return x[:, buf:] if all_positions else gather_tokens(x, gen_slots)
-
-        x, scores = blocks[sel - 1].forward_scored(x, gen_slots)
-        active = self._active_slots(scores, gen_slots, buf)  # (B', n_active), generating first
-        self.stats.append(active.shape[1] / num_slots)
-        flat = _flat_slots(active, num_slots)
+        gen = [buf + c.pred for c in calls]
+        query_mask = length_mask([len(g) for g in gen], pool.device)
+        x, scores = blocks[sel - 1].forward_scored(x, _pad_repeat(gen), query_mask)
+        active, counts = active_slots(scores, calls, buf, config)  # (G, A), generating first
+        offsets = [c.pool_row * pool.num_slots for c in calls]
+        flat = torch.cat([a + o for a, o in zip(active, offsets, strict=True)])  # (G*A,)
         x = gather_tokens(x, active)
-        for block, (k, v) in zip(late, self.dec_cache, strict=True):
-            x = block.forward_active(x, flat, k[:rows], v[:rows])
-        return x[:, : pred_idx.shape[1]]  # the generating tokens come first
+        for i, block in enumerate(blocks[sel:], start=sel):
+            k, v = pool.kv("dec", i, block, x)
+            x = block.forward_active(x, flat, k, v, rows)
+        for c, h, n in zip(calls, x, counts, strict=True):
+            c.h, c.active = h[: len(c.pred)], n / pool.num_slots
 
-    def _active_slots(self, scores: Tensor, gen_slots: Tensor, buf: int) -> Tensor:
-        """[generating | caching | refreshing] slots per row: distinct, static count."""
-        cfg = self.config
-        forced = [gen_slots]
-        if cfg.caching_tokens and self.prev_pred is not None:
-            forced.append(buf + self.prev_pred[: len(gen_slots)])
-        forced_slots = torch.cat(forced, dim=1)  # (B', f) distinct: disjoint position sets
-        num_refresh = max(0, cfg.budget - forced_slots.shape[1])
-        num_refresh = min(num_refresh, scores.shape[1] - forced_slots.shape[1])
-        if num_refresh == 0:
-            return forced_slots
-        if cfg.refresh == "random":
-            if self.generator is None:
-                self.generator = torch.Generator(scores.device).manual_seed(self.seed)
-            scores = torch.rand(scores.shape, generator=self.generator, device=scores.device)
-        elif cfg.refresh == "low_attention":
-            scores = -scores
-        scores = scores.scatter(1, forced_slots, float("-inf"))  # never pick forced ones twice
-        refresh = scores.topk(num_refresh, dim=1).indices  # (B', K)
-        return torch.cat([forced_slots, refresh], dim=1)
+
+def _append_encoder(model: MAR, pool: SlotPool, calls: list[Call], rows) -> Tensor:
+    """The append-only encoder cache: the tokens known since each row's last call go
+    through the encoder; returns the cached outputs (G, buffer + n_max, D)."""
+    buf = model.cfg.buffer_size
+    starts = [pool.enc_len[c.pool_row] for c in calls]
+    new = [c.known[s - buf :] for c, s in zip(calls, starts, strict=True)]  # newest tokens
+    slots = [  # where each new token's K/V go: pool row * N + slot
+        c.pool_row * pool.num_slots + torch.arange(s, s + len(n), device=pool.device)
+        for c, s, n in zip(calls, starts, new, strict=True)
+    ]
+    flat = _pad_repeat(slots).flatten()  # (G*m,)
+    ends = [s + len(n) for s, n in zip(starts, new, strict=True)]
+    key_mask = length_mask(ends, pool.device)  # (G, max end) or None
+    x = model.embed_known(tokens_of(pool, calls), _pad_repeat(new))  # (G, m, D)
+    for i, block in enumerate(model.encoder_blocks):
+        k, v = pool.kv("enc", i, block, x)
+        x = block.forward_append(x, flat, k, v, rows, max(ends), key_mask)
+    out = model.encoder_norm(x)
+    enc_out = pool.enc_out(out)
+    enc_out.view(-1, out.shape[-1]).index_copy_(0, flat, out.reshape(-1, out.shape[-1]))
+    for c, end in zip(calls, ends, strict=True):
+        pool.enc_len[c.pool_row] = end
+    return enc_out[rows, : max(ends)]
+
+
+def _pad_repeat(rows: list[Tensor]) -> Tensor:
+    """Ragged 1-D rows -> (G, max n), each padded with copies of its own first entry."""
+    longest = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r[:1].expand(longest - len(r))]) for r in rows])
+
+
+def active_slots(
+    scores: Tensor, calls: list[Call], buf: int, config: MarcheConfig
+) -> tuple[Tensor, list[int]]:
+    """[generating | caching | refreshing] slots per row, and each row's count of distinct
+    ones. A row's set depends on its own scores and positions only; shorter rows are padded
+    with copies of their first generating slot."""
+    num_slots = scores.shape[1]
+    forced = []  # generating first, then caching tokens: disjoint position sets
+    for c in calls:
+        parts = [buf + c.pred]
+        if config.caching_tokens and c.prev_pred is not None:
+            parts.append(buf + c.prev_pred)
+        forced.append(torch.cat(parts))
+    refresh = [max(0, min(config.budget, num_slots) - len(f)) for f in forced]
+    forced_slots = _pad_repeat(forced)  # (G, f_max)
+    counts = [len(f) + r for f, r in zip(forced, refresh, strict=True)]
+    if max(refresh) == 0:
+        return forced_slots, counts
+    if config.refresh == "random":
+        scores = torch.stack(
+            [torch.rand(num_slots, generator=c.refresh_rng, device=scores.device) for c in calls]
+        )
+    elif config.refresh == "low_attention":
+        scores = -scores
+    scores = scores.scatter(1, forced_slots, float("-inf"))  # never pick forced ones twice
+    top = scores.topk(max(refresh), dim=1).indices  # (G, r_max), best first
+    if min(refresh) < max(refresh):  # keep each row's own top r; pad with its first slot
+        keep = length_mask(refresh, scores.device)
+        top = torch.where(keep, top, forced_slots[:, :1])
+    return torch.cat([forced_slots, top], dim=1), counts

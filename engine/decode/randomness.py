@@ -1,11 +1,12 @@
-"""Where a sampling run's randomness comes from.
+"""Where an image's randomness comes from.
 
-The sampler never touches a global RNG. It asks a `Randomness` object for the generation
-orders and, each step, for the diffusion noise of the tokens being predicted:
+The engine never touches a global RNG. Each image in flight has a `RowRandomness` that gives
+its generation order once, at admission, and each step the diffusion noise of the tokens it
+predicts:
 
-* `RequestRandomness`: one `torch.Generator` per request, seeded from the request's seed. Each
-  request draws only from its own generator, so its image depends on (model, class, seed,
-  parameters), not on which other requests share its batch.
+* `SeededRandomness`: one `torch.Generator` per image, seeded from the request's seed. An image
+  draws only from its own generator, so it depends on (model, class, seed, parameters), not on
+  which other images share its batch or when it joined;
 * `ReplayRandomness` (in tests): replays orders and noise recorded from the official code.
 """
 
@@ -18,52 +19,43 @@ import torch
 from torch import Tensor
 
 
-class Randomness(Protocol):
-    def orders(self) -> Tensor:
-        """(B, L) int64 permutations; the tail of each order is generated first."""
+class RowRandomness(Protocol):
+    def order(self) -> Tensor:
+        """(L,) int64 permutation; its tail is generated first."""
         ...
 
     def noise(self, step: int, pred_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Noise for the tokens predicted this step.
+        """Noise for the tokens predicted at `step`.
 
-        pred_idx (B, k): positions being predicted. Returns x_T (B, k, C), the initial
-        diffusion noise, and step_noise (T, B, k, C), the per-diffusion-step noise in call
-        order (entry j belongs to diffusion index T-1-j).
+        pred_idx (k,): positions being predicted. Returns x_T (k, C), the initial diffusion
+        noise, and step_noise (T, k, C), the per-diffusion-step noise in call order (entry j
+        belongs to diffusion index T-1-j).
         """
         ...
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only these rows (requests retired mid-run leave the batch)."""
-        ...
 
-
-class RequestRandomness:
-    """Per-request generators on the sampling device."""
+class SeededRandomness:
+    """One image's generator on the sampling device: the order first, then one draw of
+    (1 + T, k, C) per step."""
 
     def __init__(
-        self,
-        seeds: Sequence[int],
-        seq_len: int,
-        token_dim: int,
-        diffusion_steps: int,
-        device: torch.device | str,
+        self, seed: int, seq_len: int, token_dim: int, diffusion_steps: int, device
     ) -> None:
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        self.generator = torch.Generator(self.device).manual_seed(int(seed))
         self.seq_len, self.token_dim, self.diffusion_steps = seq_len, token_dim, diffusion_steps
 
-    def orders(self) -> Tensor:
-        return torch.stack(
-            [torch.randperm(self.seq_len, generator=g, device=self.device) for g in self.generators]
-        )
+    def order(self) -> Tensor:
+        return torch.randperm(self.seq_len, generator=self.generator, device=self.device)
 
     def noise(self, step: int, pred_idx: Tensor) -> tuple[Tensor, Tensor]:
-        k = pred_idx.shape[1]
-        shape = (1 + self.diffusion_steps, k, self.token_dim)
-        draws = torch.stack(  # (B, 1 + T, k, C): one draw per request and step
-            [torch.randn(shape, generator=g, device=self.device) for g in self.generators]
-        )
-        return draws[:, 0], draws[:, 1:].transpose(0, 1)
+        shape = (1 + self.diffusion_steps, len(pred_idx), self.token_dim)
+        draw = torch.randn(shape, generator=self.generator, device=self.device)
+        return draw[0], draw[1:]
 
-    def select(self, rows: Tensor) -> None:
-        self.generators = [self.generators[i] for i in rows.tolist()]
+
+def request_randomness(
+    seeds: Sequence[int], seq_len: int, token_dim: int, diffusion_steps: int, device
+) -> list[SeededRandomness]:
+    """One `SeededRandomness` per image."""
+    return [SeededRandomness(s, seq_len, token_dim, diffusion_steps, device) for s in seeds]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.decode.head import HeadPolicy
+from engine.decode.head import HeadPlan
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import DecodeConfig, make_policy
 from engine.decode.sampler import sample_tokens
@@ -60,45 +60,41 @@ class FlopTimer:
 
 
 class CountingHead:
-    """Stands in for `policy.head`: the head's FLOPs depend only on the call's shapes (rows,
-    guidance, the step's DDPM count), so each distinct signature runs (and is counted by the
+    """Stands in for the head sampler: the head's FLOPs depend only on the call's shapes (rows,
+    guidance, the step's head plan), so each distinct signature runs (and is counted by the
     phase's counter) once; repeats add that count without running the 10^4 small ops again.
     Nothing is estimated: every number is a count of a call that ran."""
 
-    def __init__(self, head: HeadPolicy, timer: FlopTimer) -> None:
-        self.inner, self.timer = head, timer
+    def __init__(self, sample, timer: FlopTimer) -> None:
+        self.inner, self.timer = sample, timer
         self.memo: dict[tuple, int] = {}
 
-    def sample(self, head: DiffLoss, step: int, num_iter: int, z: Tensor, x_T: Tensor, *rest):
-        num_t = self.inner.schedule(head, step, num_iter).num_timesteps
-        key = (tuple(z.shape), tuple(x_T.shape), rest[-1] is None, num_t)
+    def __call__(self, head: DiffLoss, plan: HeadPlan, z: Tensor, x_T: Tensor, *rest) -> Tensor:
+        num_t = plan.schedule.num_timesteps
+        key = (tuple(z.shape), tuple(x_T.shape), rest[-1] is None, num_t, plan.full)
         if key in self.memo:
             self.timer.flops["diffusion_head"] += self.memo[key]
             return torch.zeros_like(x_T)
         with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-            out = self.inner.sample(head, step, num_iter, z, x_T, *rest)
+            out = self.inner(head, plan, z, x_T, *rest)
         self.memo[key] = counter.get_total_flops()
         return out
 
 
 class ShapeOnlyRandomness:
-    """Orders and noise of the right shapes with arbitrary values (FLOPs need no values)."""
+    """An order and noise of the right shapes with arbitrary values (FLOPs need no values)."""
 
-    def __init__(self, batch: int, seq_len: int, token_dim: int, steps: int, device) -> None:
-        self.batch, self.seq_len, self.token_dim, self.steps = batch, seq_len, token_dim, steps
+    def __init__(self, seq_len: int, token_dim: int, steps: int, device) -> None:
+        self.seq_len, self.token_dim, self.steps = seq_len, token_dim, steps
         self.device = torch.device(device)
 
-    def orders(self) -> Tensor:
-        order = torch.arange(self.seq_len, device=self.device)
-        return order.flip(0).expand(self.batch, -1).contiguous()
+    def order(self) -> Tensor:
+        return torch.arange(self.seq_len, device=self.device).flip(0)
 
     def noise(self, step: int, pred_idx: Tensor) -> tuple[Tensor, Tensor]:
-        b, k = pred_idx.shape
-        x_t = torch.zeros(b, k, self.token_dim, device=self.device)
-        return x_t, torch.zeros(self.steps, b, k, self.token_dim, device=self.device)
-
-    def select(self, rows: Tensor) -> None:
-        self.batch = len(rows)
+        k = len(pred_idx)
+        x_t = torch.zeros(k, self.token_dim, device=self.device)
+        return x_t, torch.zeros(self.steps, k, self.token_dim, device=self.device)
 
 
 def build(name: str, device: str = "meta") -> tuple[MAR, Tokenizer]:
@@ -124,12 +120,11 @@ def count(
     device = model.class_emb.weight.device
     cfg = model.cfg
     timer = FlopTimer()
-    randomness = ShapeOnlyRandomness(
-        batch, cfg.seq_len, cfg.token_embed_dim, model.diffloss.gen_schedule.num_timesteps, device
-    )
+    steps = model.diffloss.gen_schedule.num_timesteps
+    randomness = [ShapeOnlyRandomness(cfg.seq_len, cfg.token_embed_dim, steps, device)] * batch
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     policy = make_policy(mode, marche)
-    policy.head = CountingHead(policy.head, timer)  # type: ignore[assignment]
+    policy.sample_head = CountingHead(policy.sample_head, timer)
     tokens = sample_tokens(model, labels, [params] * batch, randomness, policy, timer=timer)
     with timer.phase("vae"):
         tokenizer.decode(tokens)

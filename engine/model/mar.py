@@ -38,12 +38,14 @@ class Attention(nn.Module):
         b, h, n, hd = x.shape
         return self.proj(x.transpose(1, 2).reshape(b, n, h * hd))  # (B, N, D)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """Self-attention; key_mask (B, N) bool marks real tokens (padding gets no weight)."""
         q, k, v = self.qkv_heads(x)
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, _mask(key_mask)))
 
-    # -- cache-aware paths (MARché). Caches are token-major (B, N, H, hd) tensors owned by the
-    # caller; slot n of a row holds the K/V of that row's token n.
+    # -- cache-aware paths (MARché). Caches are token-major (R, N, H, hd) pools owned by the
+    # caller; `rows` picks a call's rows in them (a slice, or an index tensor), and slot n of a
+    # pool row holds the K/V of that row's token n.
 
     def qkv_tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, n, hd) for SDPA; k, v token-major (B, n, H, hd), the cache layout."""
@@ -51,45 +53,63 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         return q.transpose(1, 2), k, v
 
-    def forward_fill(self, x: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """Full attention over all N tokens, storing every token's K/V in the caches."""
+    def forward_fill(
+        self, x: Tensor, k_pool: Tensor, v_pool: Tensor, rows: Rows, key_mask: Tensor | None
+    ) -> Tensor:
+        """Attention over all n tokens, storing every token's K/V in slots [0, n) of `rows`."""
         q, k, v = self.qkv_tokens(x)
-        k_cache.copy_(k)
-        v_cache.copy_(v)
-        out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        n = x.shape[1]
+        k_pool[rows, :n] = k.to(k_pool.dtype)
+        v_pool[rows, :n] = v.to(v_pool.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), _mask(key_mask)
+        )
         return self.merge_heads(out)
 
     def forward_active(
-        self, x: Tensor, flat_slots: Tensor, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, flat_slots: Tensor, k_pool: Tensor, v_pool: Tensor, rows: Rows
     ) -> Tensor:
         """Cache-aware attention: only the active tokens x (B, n, D) get fresh Q/K/V.
 
-        Their K/V are written into their slots (flat_slots (B*n,) = row * N + slot); their
-        queries then attend over the whole cache: fresh K/V for active tokens, stored K/V for
-        cached ones. One SDPA call, exact for the given cache, no concatenation.
+        Their K/V are written into their slots (flat_slots (B*n,) = pool row * N + slot);
+        their queries then attend over the rows' whole caches: fresh K/V for active tokens,
+        stored K/V for cached ones. One SDPA call, exact for the given cache.
         """
         b, n, d = x.shape
         q, k, v = self.qkv_tokens(x)
-        nk = k_cache.shape[1]
-        k_cache.view(b * nk, d).index_copy_(0, flat_slots, k.reshape(b * n, d))
-        v_cache.view(b * nk, d).index_copy_(0, flat_slots, v.reshape(b * n, d))
-        out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
-        return self.merge_heads(out)
-
-    def forward_prefix(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """Cache-aware attention for tokens appended at slots [start, start + n): they attend
-        over the cache prefix [0, start + n) (the encoder's append-only cache)."""
-        q, k, v = self.qkv_tokens(x)
-        end = start + x.shape[1]
-        k_cache[:, start:end] = k
-        v_cache[:, start:end] = v
-        keys = k_cache[:, :end].transpose(1, 2)  # (B, H, end, hd)
-        values = v_cache[:, :end].transpose(1, 2)
+        k_pool.view(-1, d).index_copy_(0, flat_slots, k.reshape(b * n, d).to(k_pool.dtype))
+        v_pool.view(-1, d).index_copy_(0, flat_slots, v.reshape(b * n, d).to(v_pool.dtype))
+        keys, values = k_pool[rows].transpose(1, 2), v_pool[rows].transpose(1, 2)  # (B,H,N,hd)
         return self.merge_heads(F.scaled_dot_product_attention(q, keys, values))
 
-    def forward_scored(self, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_append(
+        self,
+        x: Tensor,
+        flat_slots: Tensor,
+        k_pool: Tensor,
+        v_pool: Tensor,
+        rows: Rows,
+        end: int,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        """The encoder's append-only cache: tokens x (B, m, D) appended at flat_slots (B*m,)
+        attend over their row's cache prefix up to and including themselves: slots
+        [0, end), and where rows end earlier, key_mask (B, end) marks each row's prefix."""
+        b, m, d = x.shape
+        q, k, v = self.qkv_tokens(x)
+        k_pool.view(-1, d).index_copy_(0, flat_slots, k.reshape(b * m, d).to(k_pool.dtype))
+        v_pool.view(-1, d).index_copy_(0, flat_slots, v.reshape(b * m, d).to(v_pool.dtype))
+        keys = k_pool[rows, :end].transpose(1, 2)  # (B, H, S, hd)
+        values = v_pool[rows, :end].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, _mask(key_mask))
+        return self.merge_heads(out)
+
+    def forward_scored(
+        self, x: Tensor, query_idx: Tensor, query_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Full attention, plus the attention each token receives from the queries at
-        query_idx (B, g): softmax probabilities (fp32), mean over heads, summed over queries.
+        query_idx (B, g): softmax probabilities (fp32), mean over heads, summed over queries
+        (those where query_mask (B, g) is True, if given).
         Returns (output (B, N, D), scores (B, N))."""
         q, k, v = self.qkv_heads(x)  # (B, H, N, hd)
         out = self.merge_heads(F.scaled_dot_product_attention(q, k, v))
@@ -97,8 +117,18 @@ class Attention(nn.Module):
             q, 2, query_idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
         )
         logits = (q_gen.float() * self.head_dim**-0.5) @ k.float().transpose(-2, -1)  # (B,H,g,N)
-        scores = logits.softmax(dim=-1).mean(dim=1).sum(dim=1)  # (B, N)
-        return out, scores
+        probs = logits.softmax(dim=-1).mean(dim=1)  # (B, g, N)
+        if query_mask is not None:
+            probs = probs * query_mask[..., None]
+        return out, probs.sum(dim=1)
+
+
+Rows = slice | Tensor  # a call's rows in a cache pool
+
+
+def _mask(key_mask: Tensor | None) -> Tensor | None:
+    """(B, N) bool key mask -> SDPA's (B, 1, 1, N) attn_mask."""
+    return None if key_mask is None else key_mask[:, None, None, :]
 
 
 class Mlp(nn.Module):
@@ -122,27 +152,42 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
-    def forward_fill(self, x: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        x = x + self.attn.forward_fill(self.norm1(x), k_cache, v_cache)
+    def forward_fill(
+        self, x: Tensor, k_pool: Tensor, v_pool: Tensor, rows: Rows, key_mask: Tensor | None
+    ) -> Tensor:
+        x = x + self.attn.forward_fill(self.norm1(x), k_pool, v_pool, rows, key_mask)
         return x + self.mlp(self.norm2(x))
 
     def forward_active(
-        self, x: Tensor, flat_slots: Tensor, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, flat_slots: Tensor, k_pool: Tensor, v_pool: Tensor, rows: Rows
     ) -> Tensor:
         """Active tokens only through attention (over the cache) and the MLP."""
-        x = x + self.attn.forward_active(self.norm1(x), flat_slots, k_cache, v_cache)
+        x = x + self.attn.forward_active(self.norm1(x), flat_slots, k_pool, v_pool, rows)
         return x + self.mlp(self.norm2(x))
 
-    def forward_prefix(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        x = x + self.attn.forward_prefix(self.norm1(x), start, k_cache, v_cache)
+    def forward_append(
+        self,
+        x: Tensor,
+        flat_slots: Tensor,
+        k_pool: Tensor,
+        v_pool: Tensor,
+        rows: Rows,
+        end: int,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        x = x + self.attn.forward_append(
+            self.norm1(x), flat_slots, k_pool, v_pool, rows, end, key_mask
+        )
         return x + self.mlp(self.norm2(x))
 
-    def forward_scored(self, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
-        out, scores = self.attn.forward_scored(self.norm1(x), query_idx)
+    def forward_scored(
+        self, x: Tensor, query_idx: Tensor, query_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        out, scores = self.attn.forward_scored(self.norm1(x), query_idx, query_mask)
         x = x + out
         return x + self.mlp(self.norm2(x)), scores
 
@@ -238,22 +283,34 @@ class MAR(nn.Module):
         )
         return torch.cat([self.z_proj_ln(x_buf).to(x_known.dtype), x_known], dim=1)
 
-    def forward_encoder(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
-        """Upstream `forward_mae_encoder`: only the buffer and the known tokens are seen."""
+    def forward_encoder(
+        self,
+        tokens: Tensor,
+        known_idx: Tensor,
+        class_embedding: Tensor,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Upstream `forward_mae_encoder`: only the buffer and the known tokens are seen.
+
+        Rows with fewer known tokens than others pad known_idx and pass key_mask
+        (B, buffer + n), True at real tokens; padded outputs are garbage."""
         x = self.encoder_input(tokens, known_idx, class_embedding)
         for block in self.encoder_blocks:
-            x = block(x)
+            x = block(x, key_mask)
         return self.encoder_norm(x)
 
     def decoder_input(self, x: Tensor, known_idx: Tensor) -> Tensor:
-        """Encoder output scattered into a full (B, buffer + L, D) sequence of mask tokens."""
+        """Encoder output scattered into a full (B, buffer + L, D) sequence of mask tokens.
+
+        Padded entries of known_idx hold L (one past the last position): they land in a
+        scratch slot that is cut off."""
         buf, seq = self.cfg.buffer_size, self.cfg.seq_len
         x = self.decoder_embed(x)  # (B, buffer + n, D)
         b, _, d = x.shape
-        full = self.mask_token.to(x.dtype).expand(b, buf + seq, d).clone()
+        full = self.mask_token.to(x.dtype).expand(b, buf + seq + 1, d).clone()  # + scratch
         full[:, :buf] = x[:, :buf]
         full.scatter_(1, (buf + known_idx)[..., None].expand(-1, -1, d), x[:, buf:])
-        return full + self.decoder_pos_embed_learned
+        return full[:, : buf + seq] + self.decoder_pos_embed_learned
 
     def decoder_output(self, x: Tensor) -> Tensor:
         """decoder_norm, drop the buffer, add the diffusion position embedding: z (B, L, D)."""

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.decode.randomness import RequestRandomness
+from engine.decode.randomness import request_randomness
 from engine.decode.sampler import sample_tokens
 from engine.model.config import MAR_DIGITS, SamplingParams
 from engine.model.mar import MAR
@@ -29,5 +29,5 @@ def run(model: MAR, policy, params, classes=(3, 5), seeds=(1, 2), on_step=None):
     """Tokens of one batch; `params` is one SamplingParams for every row or one per row."""
     if isinstance(params, SamplingParams):
         params = [params] * len(classes)
-    rng = RequestRandomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    rng = request_randomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
     return sample_tokens(model, torch.tensor(classes), params, rng, policy, on_step=on_step)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.decode.policy import MODES, make_policy
-from engine.decode.randomness import RequestRandomness
+from engine.decode.randomness import request_randomness
 from engine.decode.sampler import sample_tokens
 from engine.model.config import SamplingParams
 from tests.engine.test_turbo import OFF
@@ -21,7 +21,7 @@ PARAMS = SamplingParams(num_iter=8, cfg=3.0)
 
 
 def run(model, policy, on_step=None):
-    rng = RequestRandomness((1, 2), model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cuda")
+    rng = request_randomness((1, 2), model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cuda")
     labels = torch.tensor((3, 5), device="cuda")
     return sample_tokens(model, labels, [PARAMS] * 2, rng, policy, on_step=on_step)
 

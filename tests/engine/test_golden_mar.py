@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.decode.policy import FullRecompute
 from engine.decode.sampler import sample_tokens
 from engine.model import diffloss
 from engine.model.config import MAR_BASE, MAR_HUGE, MAR_LARGE, MAR_TINY, SamplingParams
 from engine.model.diffusion import DiffusionSchedule
 from engine.model.mar import MAR, gather_tokens
-from tests.engine.replay import ReplayRandomness
+from tests.engine.replay import replay_randomness
 
 ATOL = RTOL = 1e-5
 
@@ -139,17 +138,24 @@ def test_diffloss_sample_replays_golden(ref, load_golden, group, steps_per_block
     torch.testing.assert_close(out, g["out"][:n], atol=ATOL, rtol=RTOL)
 
 
-class RecordingPolicy(FullRecompute):
-    """Baseline MAR that also keeps each step's z (to compare with the trace)."""
+class RecordingModel:
+    """Records the z of each step: the conditional rows, then the unconditional ones."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.z: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, model) -> None:
+        self.model, self.z = model, []
+        self.inner = model.decoder_output_at
 
-    def decode(self, model, step, enc, known_idx, pred_idx):
-        h = super().decode(model, step, enc, known_idx, pred_idx)
-        self.z[step] = (model.decoder_output_at(h, pred_idx), pred_idx)
-        return h
+    def __enter__(self):
+        def record(x, pos):
+            z = self.inner(x, pos)
+            self.z.append((z, pos))
+            return z
+
+        self.model.decoder_output_at = record
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.decoder_output_at
 
 
 def in_official_row_order(z: torch.Tensor, pred_idx: torch.Tensor) -> torch.Tensor:
@@ -163,9 +169,12 @@ def test_full_sample_tokens_trace_matches_golden(ref, load_golden, variant):
     suffix = "_perturbed" if perturbed else ""
     model = tiny_model(ref, f"tiny_weights{suffix}.safetensors")
     trace = load_golden(f"sample_trace{suffix}.safetensors")
-    policy = RecordingPolicy()
     params = [SamplingParams(num_iter=8, cfg=3.0, cfg_schedule="linear", temperature=1.0)] * 2
-    tokens = sample_tokens(model, trace["labels"], params, ReplayRandomness(trace, 2), policy)
+    with RecordingModel(model) as recorded:
+        tokens = sample_tokens(model, trace["labels"], params, replay_randomness(trace, 2))
+    # the engine computes z of all a step's tokens at once ((1, B*k) positions, row-major),
+    # conditional half then unconditional: back to (B', k) rows
+    steps = [recorded.z[i : i + 2] for i in range(0, len(recorded.z), 2)]
 
     def close(actual, expected, msg):
         if perturbed:
@@ -174,8 +183,11 @@ def test_full_sample_tokens_trace_matches_golden(ref, load_golden, variant):
             scale = expected.abs().max().item()
             assert (actual - expected).abs().max().item() <= 1e-5 * scale, msg
 
-    for step in range(8):
-        z, pred_idx = policy.z[step]
+    assert len(steps) == 8
+    for step, halves in enumerate(steps):
+        pred_idx = halves[0][1].view(2, -1)  # (B, k)
+        z = torch.cat([zh.view(2, -1, zh.shape[-1]) for zh, _ in halves])  # (2B, k, D)
+        pred_idx = torch.cat([pred_idx, pred_idx])
         close(in_official_row_order(z, pred_idx), trace[f"step{step}.z"], f"z at step {step}")
     close(tokens, trace["final_tokens"], "final tokens")
     close(tokens.view(2, 8, 8, 16).permute(0, 3, 1, 2), trace["output"], "unpatchified output")

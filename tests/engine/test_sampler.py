@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.decode.randomness import RequestRandomness
+from engine.decode.randomness import request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
 from engine.model.config import MAR_TINY, SamplingParams
 from engine.model.mar import MAR
@@ -24,7 +24,7 @@ def tiny(ref) -> MAR:
 def run(model: MAR, classes, seeds, params, on_step=None) -> torch.Tensor:
     if isinstance(params, SamplingParams):
         params = [params] * len(classes)
-    rng = RequestRandomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    rng = request_randomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
     labels = torch.tensor(classes)
     return sample_tokens(model, labels, params, rng, on_step=on_step)
 
@@ -78,14 +78,14 @@ def test_progress_callback_reports_every_step(tiny):
     assert [s.tokens_done for s in seen] == [2, 5, 11, 19, 29, 40, 52, 64]
 
 
-def test_request_randomness_is_per_request():
-    a = RequestRandomness([1, 2], 64, 16, 100, "cpu")
-    b = RequestRandomness([2], 64, 16, 100, "cpu")
-    orders = a.orders()
+def test_request_randomness_is_per_image():
+    a = request_randomness([1, 2], 64, 16, 100, "cpu")
+    b = request_randomness([2], 64, 16, 100, "cpu")
+    orders = torch.stack([r.order() for r in a])
     assert torch.equal(orders.sort(dim=1).values, torch.arange(64).expand(2, -1))
-    assert torch.equal(orders[1], b.orders()[0])
-    pred = torch.zeros(2, 3, dtype=torch.long)
-    x_T, noise = a.noise(0, pred)
-    assert x_T.shape == (2, 3, 16) and noise.shape == (100, 2, 3, 16)
-    x_T_b, noise_b = b.noise(0, pred[:1])
-    assert torch.equal(x_T[1], x_T_b[0]) and torch.equal(noise[:, 1], noise_b[:, 0])
+    assert torch.equal(orders[1], b[0].order())
+    pred = torch.zeros(3, dtype=torch.long)
+    x_T, noise = a[1].noise(0, pred)
+    assert x_T.shape == (3, 16) and noise.shape == (100, 3, 16)
+    x_T_b, noise_b = b[0].noise(0, pred)
+    assert torch.equal(x_T, x_T_b) and torch.equal(noise, noise_b)

@@ -14,6 +14,8 @@ from engine.decode.cond_cache import CondCacheConfig
 from engine.decode.head import HeadConfig, clipped_schedule, full_steps
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES, PRESETS, DecodeConfig, make_policy
+from engine.decode.randomness import request_randomness
+from engine.decode.step import StepEngine
 from engine.model.config import SamplingParams
 from tests.engine.conftest import run
 
@@ -149,11 +151,19 @@ def test_every_mode_runs_under_bf16_autocast(deep, mode):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, again, atol=0, rtol=0)  # deterministic
     assert (out - fp32).abs().mean() < 0.25 * fp32.abs().mean()  # bf16 rounding, not garbage
-    inner = getattr(policy, "inner", policy)
-    for k, v in getattr(inner, "dec_cache", None) or []:
-        assert k.dtype == v.dtype == torch.bfloat16
-    if hasattr(policy, "diff"):  # the residual stream (and so the diff) stays fp32
-        assert policy.diff.dtype == torch.float32 and torch.isfinite(policy.diff).all()
+
+    engine = StepEngine(deep, capacity=2)  # the same run, to look into the cache pool
+    randomness = request_randomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    rows = [engine.admit(c, GUIDED, PRESETS[mode], r) for c, r in zip((3, 5), randomness)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        while not rows[0].finished:
+            engine.step(rows)
+    torch.testing.assert_close(engine.tokens(rows), out, atol=0, rtol=0)
+    buffers = engine.pool.buffers
+    assert all(b.dtype == torch.bfloat16 for n, b in buffers.items() if n.endswith((".k", ".v")))
+    assert any(n.endswith(".k") for n in buffers) == (mode != "mar")
+    if "diff" in buffers:  # the residual stream (and so the diff) stays fp32
+        assert buffers["diff"].dtype == torch.float32 and torch.isfinite(buffers["diff"]).all()
 
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "lift_fresh"}

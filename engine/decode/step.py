@@ -1,0 +1,247 @@
+"""One decoding step for any set of images, each wherever it is in its own run.
+
+The engine under both the batch sampler (`sampler.sample_tokens`: every row at the same
+step) and the worker's continuous batching (rows join and leave at every step boundary).
+Each image is a `Row`: its parameters, its decoding config, its randomness, how far it has
+got, and a slot in the `SlotPool` that holds its tokens and caches from admission to
+release. `StepEngine.step(rows)` advances every row by one AR step of its own plan:
+
+1. schedule: each row's step (known and predicted positions), whether its transformer step
+   is full (MARché refresh phase, the condition cache's phase), and which CFG halves run;
+2. execute: one full transformer pass for every row on a full step (any mix of modes and
+   steps: known tokens padded and masked), one lazy MARché pass per MARché config, the
+   condition cache's h_uncond = h_cond + diff for rows that skipped their unconditional half,
+   then the head over the flat set of predicted tokens, one call per head plan (rows whose
+   head schedules agree at this step share it), with per-token cfg and temperature;
+3. update: the sampled tokens go into each row's slot; each row moves on.
+
+Nothing a row computes depends on the other rows: attention is per row (padding is masked),
+the head is per token, and each row draws from its own randomness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from engine.decode import head as head_sampling
+from engine.decode.head import HeadPolicy
+from engine.decode.marche import lazy_pass
+from engine.decode.policy import DecodeConfig
+from engine.decode.pool import SlotPool
+from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
+from engine.decode.randomness import RowRandomness
+from engine.decode.schedules import Step, cfg_scale, step_plan
+from engine.decode.transformer import Call, full_pass
+from engine.model.config import SamplingParams
+from engine.model.mar import MAR
+
+HeadSampler = Callable[..., Tensor]  # the signature of `head.sample`
+
+
+@dataclass(eq=False)
+class Row:
+    """One image in flight."""
+
+    label: Tensor  # (1,) its class, on the device
+    params: SamplingParams
+    config: DecodeConfig
+    randomness: RowRandomness
+    slot: int  # its slot in the pool
+    order: Tensor  # (L,) generation order; the tail is generated first
+    plan: list[Step]  # the steps of its run that predict tokens
+    cfg_scales: Tensor  # (len(plan),) guidance scale of each of those steps, on the device
+    temperature: Tensor  # (1,)
+    head: HeadPolicy
+    done: int = 0  # steps taken
+    prev_pred: Tensor | None = None  # (k,) positions predicted by the last step
+    active: list[float] = field(default_factory=list)  # active-token fraction per step
+    lazy_cond_steps: int = 0  # steps that skipped the unconditional half (condition cache)
+    refresh_rng: torch.Generator | None = None  # MARché's "random" refresh ablation
+
+    @property
+    def guided(self) -> bool:
+        return self.params.cfg != 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.plan)
+
+    @property
+    def tokens_done(self) -> int:
+        if self.done == 0:
+            return 0
+        last = self.plan[self.done - 1]
+        return len(self.order) - last.unknown_before + last.num_pred
+
+
+@dataclass(eq=False)
+class _RowStep:
+    """What one row does in this step."""
+
+    row: Row
+    step: Step
+    pred: Tensor  # (k,) positions predicted
+    full: bool  # full transformer step (caches refilled)
+    calls: list[Call]  # [conditional] or [conditional, unconditional]
+    h: tuple[Tensor, ...] = ()  # (k, D) hidden states per CFG half, before decoder_norm
+
+
+class StepEngine:
+    """Advances rows one step at a time; owns the pool their caches live in."""
+
+    def __init__(self, model: MAR, capacity: int, device: torch.device | str | None = None):
+        self.model = model
+        self.pool = SlotPool(model, capacity, device or model.class_emb.weight.device)
+
+    @property
+    def free_slots(self) -> int:
+        return self.pool.free
+
+    def admit(
+        self, label: int | Tensor, params: SamplingParams, config: DecodeConfig, randomness
+    ) -> Row:
+        """A new row at step 0 in a free slot (raises `PoolFull` when there is none)."""
+        seq_len, device = self.model.cfg.seq_len, self.pool.device
+        plan = [s for s in step_plan(params.num_iter, seq_len) if s.num_pred > 0]
+        scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in plan]
+        order = randomness.order().to(device)  # drawn first, as upstream does
+        slot = self.pool.acquire()
+        self.pool.tokens[slot].zero_()
+        row = Row(
+            label=torch.as_tensor(label, device=device).reshape(1),
+            params=params,
+            config=config,
+            randomness=randomness,
+            slot=slot,
+            order=order,
+            plan=plan,
+            cfg_scales=torch.tensor(scales, dtype=torch.float32, device=device),
+            temperature=torch.full((1,), float(params.temperature), device=device),
+            head=HeadPolicy(config.head),
+        )
+        if config.marche is not None and config.marche.refresh == "random":
+            row.refresh_rng = torch.Generator(device).manual_seed(0)
+        return row
+
+    def release(self, row: Row) -> None:
+        self.pool.release(row.slot)
+
+    def tokens(self, rows: Sequence[Row]) -> Tensor:
+        """(B, L, C) current tokens of `rows` (unknown positions are zero)."""
+        if not rows:
+            return self.pool.tokens[:0].clone()
+        return torch.stack([self.pool.tokens[r.slot] for r in rows])
+
+    @torch.no_grad()
+    def step(
+        self,
+        rows: Sequence[Row],
+        sample_head: HeadSampler = head_sampling.sample,
+        timer: PhaseTimer | NullTimer = NULL_TIMER,
+    ) -> None:
+        """Advance every (unfinished) row by one step of its own plan."""
+        # 1. schedule
+        work = [self._schedule(row) for row in rows]
+        full: list[Call] = []
+        lazy: dict = {}  # MarcheConfig -> its rows' calls
+        for half in (0, 1):  # conditional calls first in every pass
+            for w in work:
+                if half < len(w.calls):
+                    group = full if w.full else lazy.setdefault(w.row.config.marche, [])
+                    group.append(w.calls[half])
+        # 2. execute
+        if full:
+            full_pass(self.model, self.pool, full, timer)
+        for config, calls in lazy.items():
+            lazy_pass(self.model, self.pool, config, calls, timer)
+        for w in work:
+            w.h = self._guidance(w)
+        with timer.phase("diffusion_head"):
+            self._head(work, sample_head)
+        # 3. update
+        for w in work:
+            w.row.prev_pred = w.pred
+            w.row.done += 1
+            w.row.active.append(sum(c.active for c in w.calls) / len(w.calls))
+
+    def _schedule(self, row: Row) -> _RowStep:
+        if row.finished:
+            raise ValueError("row has finished its plan")
+        s = row.plan[row.done]
+        known = row.order[s.unknown_before :].flip(0)  # (n,) oldest first
+        pred = row.order[s.unknown_before - s.num_pred : s.unknown_before]  # (k,)
+        cond_cache = row.config.cond_cache if row.guided else None
+        both = row.guided and (cond_cache is None or cond_cache.full(row.done))
+        marche = row.config.marche
+        full = (
+            marche is None
+            or marche.budget >= self.pool.num_slots  # covers every token: exactly baseline
+            or row.done % marche.refresh_period == 0
+            or (cond_cache is not None and both)  # the unconditional twin's caches are stale
+        )
+        calls = [
+            Call(
+                slot=row.slot,
+                pool_row=self.pool.twin(row.slot, half),
+                label=row.label if half == 0 else None,
+                known=known,
+                pred=pred,
+                prev_pred=row.prev_pred,
+                cache_encoder=marche is not None and marche.encoder == "cache",
+                cache_decoder_from=None if marche is None else marche.selection_layer,
+                refresh_rng=row.refresh_rng,
+            )
+            for half in ((0, 1) if both else (0,))
+        ]
+        return _RowStep(row, s, pred, full, calls)
+
+    def _guidance(self, w: _RowStep) -> tuple[Tensor, ...]:
+        """(h_cond,) or (h_cond, h_uncond) at the predicted positions; the condition cache
+        stores h_uncond - h_cond on its full steps and stands in for h_uncond on the others."""
+        cond = w.calls[0]
+        if not w.row.guided:
+            return (cond.h,)
+        if len(w.calls) == 2:
+            uncond = w.calls[1]
+            if w.row.config.cond_cache is not None:
+                self.pool.diff(uncond.h_all)[w.row.slot] = uncond.h_all - cond.h_all
+            return cond.h, uncond.h
+        w.row.lazy_cond_steps += 1
+        diff = self.pool.diff(cond.h)[w.row.slot]  # (L, D)
+        return cond.h, cond.h + diff[w.pred]
+
+    def _head(self, work: list[_RowStep], sample_head: HeadSampler) -> None:
+        """Sample every predicted token, one head call per (head plan, guided) group."""
+        model, pool = self.model, self.pool
+        seq_len = model.cfg.seq_len
+        groups: dict[tuple, tuple] = {}
+        for w in work:
+            plan = w.row.head.plan(model.diffloss, w.step.index, w.row.params.num_iter)
+            groups.setdefault((plan.key, w.row.guided), (plan, []))[1].append(w)
+        for (_, guided), (plan, ws) in groups.items():
+            pos = torch.cat([w.pred for w in ws])[None]  # (1, K) every token of the group
+            halves = (0, 1) if guided else (0,)
+            z = torch.cat(  # (K, D), or (2K, D) = [cond; uncond]
+                [
+                    model.decoder_output_at(torch.cat([w.h[i] for w in ws])[None], pos)[0]
+                    for i in halves
+                ]
+            )
+            noise = [w.row.randomness.noise(w.step.index, w.pred) for w in ws]
+            x_T = torch.cat([n[0] for n in noise]).float()  # (K, C)
+            step_noise = torch.cat([n[1] for n in noise], dim=1).float()  # (T, K, C)
+            temperature = torch.cat([w.row.temperature.expand(len(w.pred)) for w in ws])
+            cfg = None
+            if guided:
+                cfg = torch.cat([w.row.cfg_scales[w.row.done].expand(len(w.pred)) for w in ws])
+                cfg = cfg[:, None]  # (K, 1)
+            x0 = sample_head(
+                model.diffloss, plan, z, x_T, step_noise, temperature[:, None], cfg
+            )  # (K, C)
+            flat = torch.cat([w.row.slot * seq_len + w.pred for w in ws])
+            tokens = pool.tokens.view(-1, pool.tokens.shape[-1])
+            tokens.index_copy_(0, flat, x0.to(tokens.dtype))

@@ -1,0 +1,109 @@
+"""The transformer half of a decoding step over rows that may each be at a different step.
+
+A `Call` is one transformer row of a step: one CFG half of one image, with its known and
+predicted positions. Rows are ragged only in the encoder (buffer + the row's known tokens);
+the decoder always sees buffer + L tokens. `full_pass` runs any set of calls through the
+whole encoder and decoder at once: known positions are padded to the longest row and padded
+keys are masked out of attention (exact: masked keys get zero weight); padded outputs land in
+a scratch slot of the decoder input and are never read. Calls of MARché rows also refill
+their slots' caches. MARché's lazy steps are in `marche.lazy_pass`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from engine.decode.pool import SlotPool
+from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
+from engine.model.mar import MAR
+
+
+@dataclass(eq=False)
+class Call:
+    """One CFG half of one image in this step's transformer batch."""
+
+    slot: int  # the image's slot (its tokens)
+    pool_row: int  # this half's pool row (its caches)
+    label: Tensor | None  # (1,) class on the device; None: the null class (unconditional)
+    known: Tensor  # (n,) positions generated so far, oldest first
+    pred: Tensor  # (k,) positions predicted this step
+    prev_pred: Tensor | None = None  # (k',) positions predicted on the row's previous step
+    cache_encoder: bool = False  # full passes: fill the encoder caches (MARché "cache")
+    cache_decoder_from: int | None = None  # full passes: fill decoder K/V from this layer
+    refresh_rng: torch.Generator | None = None  # MARché's "random" refresh ablation
+    h: Tensor | None = field(default=None, repr=False)  # (k, D) before decoder_norm at pred
+    h_all: Tensor | None = field(default=None, repr=False)  # (L, D), full passes only
+    active: float = 1.0  # fraction of the decoder's tokens that went through the late layers
+
+
+def pad(rows: list[Tensor], value: int) -> Tensor:
+    """Ragged 1-D index rows -> (G, max n), padded with `value`."""
+    return pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+def length_mask(lengths: list[int], device: torch.device) -> Tensor | None:
+    """(G, max) True below each row's length; None when every row is full length."""
+    longest = max(lengths)
+    if all(n == longest for n in lengths):
+        return None
+    positions = torch.arange(longest, device=device)
+    return torch.stack([positions < n for n in lengths])
+
+
+def class_embedding(model: MAR, calls: list[Call]) -> Tensor:
+    """(G, D): the class embedding of conditional calls, the null class for the others.
+    Calls are ordered conditional first."""
+    labels = [c.label for c in calls if c.label is not None]
+    parts = [model.class_emb(torch.cat(labels))] if labels else []
+    num_null = len(calls) - len(labels)
+    if num_null:
+        parts.append(model.fake_latent.expand(num_null, -1))
+    return torch.cat(parts)
+
+
+def tokens_of(pool: SlotPool, calls: list[Call]) -> Tensor:
+    """(G, L, C) current tokens of each call's image."""
+    return torch.stack([pool.tokens[c.slot] for c in calls])
+
+
+def full_pass(
+    model: MAR, pool: SlotPool, calls: list[Call], timer: PhaseTimer | NullTimer = NULL_TIMER
+) -> None:
+    """Full encoder + decoder for `calls`; sets each call's h and h_all, refills caches."""
+    buf, seq_len = model.cfg.buffer_size, model.cfg.seq_len
+    rows = pool.rows([c.pool_row for c in calls])
+    lengths = [len(c.known) for c in calls]
+    key_mask = length_mask([buf + n for n in lengths], pool.device)
+    with timer.phase("encoder"):
+        x = model.encoder_input(
+            tokens_of(pool, calls), pad([c.known for c in calls], 0), class_embedding(model, calls)
+        )  # (G, buf + n_max, D)
+        fill = any(c.cache_encoder for c in calls)
+        for i, block in enumerate(model.encoder_blocks):
+            if fill:
+                k, v = pool.kv("enc", i, block, x)
+                x = block.forward_fill(x, k, v, rows, key_mask)
+            else:
+                x = block(x, key_mask)
+        enc = model.encoder_norm(x)
+        if fill:
+            pool.enc_out(enc)[rows, : enc.shape[1]] = enc
+            for c, n in zip(calls, lengths, strict=True):
+                pool.enc_len[c.pool_row] = buf + n
+    with timer.phase("decoder"):
+        x = model.decoder_input(enc, pad([c.known for c in calls], seq_len))  # (G, buf + L, D)
+        starts = [c.cache_decoder_from for c in calls if c.cache_decoder_from is not None]
+        fill_from = min(starts) if starts else len(model.decoder_blocks)
+        for i, block in enumerate(model.decoder_blocks):
+            if i >= fill_from:
+                k, v = pool.kv("dec", i, block, x)
+                x = block.forward_fill(x, k, v, rows, None)
+            else:
+                x = block(x)
+        hidden = x[:, buf:]  # (G, L, D) before decoder_norm
+        for c, h in zip(calls, hidden, strict=True):
+            c.h_all, c.h, c.active = h, h[c.pred], 1.0
