@@ -86,7 +86,7 @@ def test_mixed_modes_match_each_mode_alone(deep):
         rows.append(engine.admit(3 + i, GUIDED, PRESETS[mode], rng(deep, i)))
         engine.step(rows)  # the next one joins a step later
     drive(engine, rows, lambda: all(r.finished for r in rows))
-    for i, (mode, row) in enumerate(zip(MODES, rows)):
+    for i, (mode, row) in enumerate(zip(MODES, rows, strict=True)):
         alone = run(deep, make_policy(mode), GUIDED, classes=(3 + i,), seeds=(i,))
         assert_same_image(engine.tokens([row]), alone)
 

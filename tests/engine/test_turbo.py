@@ -154,7 +154,9 @@ def test_every_mode_runs_under_bf16_autocast(deep, mode):
 
     engine = StepEngine(deep, capacity=2)  # the same run, to look into the cache pool
     randomness = request_randomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
-    rows = [engine.admit(c, GUIDED, PRESETS[mode], r) for c, r in zip((3, 5), randomness)]
+    rows = [
+        engine.admit(c, GUIDED, PRESETS[mode], r) for c, r in zip((3, 5), randomness, strict=True)
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         while not rows[0].finished:
             engine.step(rows)
