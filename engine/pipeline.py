@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from engine.decode.compile import compile_model
-from engine.decode.policy import DecodePolicy
+from engine.decode.policy import DecodeConfig, DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.decode.randomness import request_randomness
+from engine.decode.randomness import SeededRandomness, request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
+from engine.decode.step import Row, StepEngine
 from engine.model.checkpoint import load_strict, read_state_dict
 from engine.model.config import MAR_CONFIGS, MARConfig, SamplingParams
 from engine.model.mar import MAR
@@ -169,6 +170,31 @@ class Pipeline:
         labels = torch.tensor([int(c) for c in class_ids], dtype=torch.long, device=self.device)
         with self.autocast():
             return sample_tokens(self.model, labels, params, randomness, policy, on_step, timer)
+
+    # -- step-level API (continuous batching): rows join and leave a StepEngine at any step --
+
+    def step_engine(self, capacity: int) -> StepEngine:
+        """A step engine whose cache pool holds `capacity` images."""
+        return StepEngine(self.model, capacity, self.device)
+
+    def admit(
+        self,
+        engine: StepEngine,
+        class_id: int,
+        seed: int,
+        params: SamplingParams,
+        config: DecodeConfig,
+    ) -> Row:
+        """One image as a row of `engine`, with the same randomness `generate` gives it."""
+        self.check_class_ids([class_id])
+        cfg, steps = self.model.cfg, self.model.diffloss.gen_schedule.num_timesteps
+        randomness = SeededRandomness(seed, cfg.seq_len, cfg.token_embed_dim, steps, self.device)
+        return engine.admit(int(class_id), params, config, randomness)
+
+    def step(self, engine: StepEngine, rows: Sequence[Row]) -> None:
+        """Advance `rows` one step each (under the pipeline's autocast)."""
+        with self.autocast():
+            engine.step(rows)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:

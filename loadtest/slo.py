@@ -40,8 +40,8 @@ DEFAULT_REPORT = str(Path(__file__).resolve().parent / "results" / "report")
 # server-side series read from /metrics before and after the run (a histogram's _sum/_count,
 # counters summed over their labels)
 SERVER_SERIES = (
-    "marche_batch_size_sum",
-    "marche_batch_size_count",
+    "marche_step_rows_sum",
+    "marche_step_rows_count",
     "marche_queue_wait_seconds_sum",
     "marche_queue_wait_seconds_count",
     "marche_request_latency_seconds_sum",
@@ -189,7 +189,8 @@ def parse_prometheus(text: str, names=SERVER_SERIES) -> dict[str, float]:
 
 
 def server_readout(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """What the server saw during the run: counter deltas and mean batch size / queue wait."""
+    """What the server saw during the run: counter deltas, decoding steps and their mean
+    occupancy (images per step), mean queue wait."""
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
 
     def mean(prefix: str) -> float | None:
@@ -197,8 +198,8 @@ def server_readout(before: dict[str, float], after: dict[str, float]) -> dict[st
         return round(delta.get(f"{prefix}_sum", 0.0) / count, 4) if count else None
 
     return {
-        "batches": delta.get("marche_batch_size_count", 0.0),
-        "mean_batch_size": mean("marche_batch_size"),
+        "steps": delta.get("marche_step_rows_count", 0.0),
+        "mean_occupancy": mean("marche_step_rows"),
         "mean_queue_wait_s": mean("marche_queue_wait_seconds"),
         "mean_request_latency_s": mean("marche_request_latency_seconds"),
         "images_generated": delta.get("marche_images_generated_total", 0.0),

@@ -66,6 +66,7 @@ def model_info(pipeline: Pipeline, settings: ServiceSettings) -> dict[str, Any]:
         },
         "marche": settings.marche_config().__dict__,
         "batching": {
+            "scheduler": settings.scheduler,
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size,
@@ -100,6 +101,7 @@ class LocalEngineClient:
             marche=settings.marche_config(),
             metrics=metrics,
             preview_every=settings.preview_every,
+            scheduler=settings.scheduler,
         )
         self._info = model_info(self.pipeline, settings)
 

@@ -37,7 +37,7 @@ SPECS: tuple[MetricSpec, ...] = (
                "End-to-end latency of /generate requests that produced images.",
                ("model", "mode"), LATENCY_BUCKETS),
     MetricSpec("marche_queue_wait_seconds", "histogram",
-               "Time from acceptance to the start of the request's batch.",
+               "Time from acceptance to the request's first decoding step.",
                ("model", "mode"), LATENCY_BUCKETS),
     MetricSpec("marche_step_latency_seconds", "histogram",
                "Wall time of one decoding step of a batch (transformer + diffusion head).",
@@ -56,6 +56,12 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_cancellations_total", "counter",
                "Accepted requests dropped before finishing (disconnected, deadline).",
                ("model", "mode", "reason")),
+    MetricSpec("marche_step_rows", "histogram",
+               "Occupancy: images (rows) in the running batch at each decoding step.",
+               ("model",), BATCH_BUCKETS),
+    MetricSpec("marche_admissions_total", "counter",
+               "Requests admitted to the running batch; mid_flight=true: joined a batch that "
+               "was already decoding (continuous batching).", ("model", "mode", "mid_flight")),
     MetricSpec("marche_requests_running", "gauge", "Requests in the batch being decoded.",
                ("model",)),
     MetricSpec("marche_requests_waiting", "gauge", "Requests accepted and queued.", ("model",)),
@@ -114,6 +120,14 @@ class Metrics:
         self._labels("marche_batch_size", mode=mode).observe(num_images)
         for wait in queue_waits:
             self._labels("marche_queue_wait_seconds", mode=mode).observe(wait)
+
+    def admitted(self, mode: str, num_images: int, queue_wait: float, mid_flight: bool) -> None:
+        """A request joined the running batch (continuous batching)."""
+        self._labels("marche_admissions_total", mode=mode, mid_flight=str(mid_flight).lower()).inc()
+        self._labels("marche_queue_wait_seconds", mode=mode).observe(queue_wait)
+
+    def occupancy(self, rows: int) -> None:
+        self._labels("marche_step_rows").observe(rows)
 
     def step(self, mode: str, seconds: float) -> None:
         self._labels("marche_step_latency_seconds", mode=mode).observe(seconds)

@@ -26,8 +26,9 @@ class ServiceSettings(BaseSettings):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
 
     # the engine worker
+    scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches
     max_batch_size: int = Field(16, ge=1, description="images per batch")
-    max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill")
+    max_wait_ms: float = Field(10.0, ge=0, description="static: how long a batch waits to fill")
     queue_size: int = Field(64, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503")

@@ -1,11 +1,17 @@
-"""The engine worker: one thread owns the device and the model, and batches requests.
+"""The engine worker: one thread owns the device and the model, and schedules requests.
 
 HTTP handlers `submit()` jobs into a bounded queue and await the job's future; they never
-touch the model. The worker thread loops: gather a batch of compatible jobs (same steps and
-mode; cfg, schedule and temperature may differ per row), run the MAR loop on it, resolve the
-futures. Between decoding steps it retires jobs whose client went away or whose deadline
-passed (the sampler drops their rows; batch mates are unaffected), and reports progress to
-streaming jobs. An exception fails only the jobs of that batch; the loop keeps serving.
+touch the model. The worker thread runs one of two schedulers (`service.scheduler`):
+
+* `continuous` (default): step-level batching. At every step boundary finished and
+  cancelled rows leave the running batch and waiting requests join it (FIFO, up to
+  `max_batch_size` images); rows at different steps, with different steps counts, cfg,
+  classes and modes share every step, each keeping its own caches in the engine's slot pool;
+* `static`: run-to-completion batches of compatible jobs (same steps and mode).
+
+Either way, jobs whose client went away or whose deadline passed leave between steps (batch
+mates are unaffected), streaming jobs get progress, and an exception fails only the jobs
+that were in the failing step; the loop keeps serving.
 
 No fastapi, ray or asyncio here: futures are `concurrent.futures.Future`s, which asyncio
 handlers await with `asyncio.wrap_future`.
@@ -19,74 +25,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch.nn.functional as F
 
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import MODES, make_policy
-from engine.decode.sampler import StepInfo
-from engine.images import images_to_uint8
-from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
+from service.jobs import EngineError, Job, JobCancelled, JobResult, QueueFull
 from service.metrics import Metrics
+from service.scheduler import ContinuousScheduler, PipelineRows, RowEngine, StaticScheduler
+from service.schemas import MAX_IMAGES
+
+__all__ = ["EngineError", "EngineWorker", "Job", "JobCancelled", "JobResult", "QueueFull"]
+
+SCHEDULERS = ("continuous", "static")
 
 log = logging.getLogger("marche.worker")
-
-
-class QueueFull(Exception):
-    """The waiting queue is at capacity: answer 503 with Retry-After."""
-
-
-class JobCancelled(Exception):
-    """The job was dropped before finishing; `reason` is "disconnected" or "deadline"."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"request cancelled: {reason}")
-        self.reason = reason
-
-
-class EngineError(Exception):
-    """The batch this job ran in failed."""
-
-
-@dataclass
-class JobResult:
-    images: np.ndarray  # uint8 (n, H, W, C)
-    seeds: list[int]
-    queue_s: float
-    generation_s: float
-    batch_size: int  # images in the engine batch
-
-
-@dataclass(eq=False)
-class Job:
-    """One HTTP request: `len(seeds)` images of one class with shared sampling params."""
-
-    class_id: int
-    seeds: list[int]
-    params: SamplingParams
-    mode: str
-    deadline: float  # time.monotonic() after which the job is dropped
-    request_id: str = ""
-    # called from the worker thread with progress/preview events (streaming requests)
-    on_event: Callable[[dict[str, Any]], None] | None = None
-    future: Future = field(default_factory=Future)
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cancel_reason: str | None = None
-
-    @property
-    def key(self) -> tuple[int, str]:
-        """Jobs with equal keys can share a batch."""
-        return (self.params.num_iter, self.mode)
-
-    def fail(self, exc: Exception) -> bool:
-        if self.future.done():
-            return False
-        self.future.set_exception(exc)
-        return True
 
 
 class EngineWorker:
@@ -100,7 +54,11 @@ class EngineWorker:
         marche: MarcheConfig | None = None,
         metrics: Metrics | None = None,
         preview_every: int = 4,
+        scheduler: str = "continuous",
+        rows: RowEngine | None = None,
     ) -> None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}")
         self.pipeline = pipeline
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
         self.queue_size, self.preview_every = queue_size, preview_every
@@ -109,7 +67,15 @@ class EngineWorker:
         self.ready = False
         self.last_error: str | None = None
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []
+        self._running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
+        self.scheduler_name = scheduler
+        self._scheduler: StaticScheduler | ContinuousScheduler
+        if scheduler == "static":
+            self._scheduler = StaticScheduler(self)
+        else:
+            capacity = max(max_batch_size, MAX_IMAGES)  # any single request fits
+            rows = rows or PipelineRows(pipeline, capacity, self.marche, preview_every)
+            self._scheduler = ContinuousScheduler(self, rows)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -175,55 +141,16 @@ class EngineWorker:
     def _loop(self, warmup: bool) -> None:
         if warmup:
             try:
-                self._warmup()
+                self._scheduler.warmup()
             except Exception as exc:  # noqa: BLE001 - reported through /readyz
                 log.exception("warmup failed")
                 self.last_error = f"warmup failed: {exc}"
                 return
         self.ready = True
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
+        self._scheduler.run()
         with self._cond:  # shutting down: nothing accepted is silently lost
             while self._waiting:
                 self._waiting.popleft().fail(QueueFull("the engine is shutting down"))
-
-    def _warmup(self) -> None:
-        """One small generation per mode (allocates, and on CUDA picks kernels)."""
-        params = SamplingParams(num_iter=2, cfg=2.0)
-        for mode in MODES:
-            self.pipeline.generate([0], [0], params=params, policy=make_policy(mode, self.marche))
-
-    def _next_batch(self) -> list[Job] | None:
-        """Block until a batch is ready: full, or the oldest job waited max_wait."""
-        with self._cond:
-            while True:
-                if self._stopping:
-                    return None
-                self._expire_waiting()
-                if not self._waiting:
-                    self._cond.wait()
-                    continue
-                batch = self._compatible(self._waiting[0])
-                size = sum(len(j.seeds) for j in batch)
-                wait = self._waiting[0].enqueued_at + self.max_wait_s - time.monotonic()
-                if size >= self.max_batch_size or wait <= 0:
-                    for job in batch:
-                        self._waiting.remove(job)
-                    self._running = batch
-                    self._publish_state()
-                    return batch
-                self._cond.wait(timeout=wait)
-
-    def _compatible(self, first: Job) -> list[Job]:
-        """First-come jobs sharing `first`'s key, up to max_batch_size images."""
-        batch, size = [first], len(first.seeds)
-        for job in self._waiting:
-            if job is not first and job.key == first.key:
-                if size + len(job.seeds) > self.max_batch_size:
-                    break
-                batch.append(job)
-                size += len(job.seeds)
-        return batch
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
@@ -243,89 +170,27 @@ class EngineWorker:
             job.cancel_reason = "deadline"
         return job.cancel_reason is None
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        mode, started = batch[0].mode, time.monotonic()
-        owners = [job for job in batch for _ in job.seeds]  # row -> job
-        if self.metrics:
-            self.metrics.batch_started(mode, len(owners), [started - j.enqueued_at for j in batch])
-        policy = make_policy(mode, self.marche)
-        last = started
-
-        def on_step(info: StepInfo) -> list[bool] | None:
-            nonlocal last, owners
-            now = time.monotonic()
-            if self.metrics:
-                self.metrics.step(mode, now - last)
-            last = now
-            self._progress(owners, info)
-            keep = [self._wanted(job, now) for job in owners]
-            if all(keep):
-                return None
-            for job in {j for j, k in zip(owners, keep, strict=True) if not k}:
-                self._drop(job)
-            owners = [j for j, k in zip(owners, keep, strict=True) if k]
-            return keep
-
-        try:
-            tokens = self.pipeline.generate_tokens(
-                [j.class_id for j in owners],
-                [s for j in batch for s in j.seeds],
-                params=[j.params for j in owners],
-                policy=policy,
-                on_step=on_step,
-            )
-            images = images_to_uint8(self.pipeline.decode(tokens)) if len(owners) else None
-        except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving
-            log.exception("batch of %d images failed", len(owners))
-            for job in batch:
-                job.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-            self._finish_batch()
+    def progress(
+        self,
+        job: Job,
+        step: int,
+        total: int,
+        tokens_done: int,
+        seq_len: int,
+        preview: Callable[[], np.ndarray] | None,
+    ) -> None:
+        """Report a step to a streaming job (with a small preview every `preview_every`)."""
+        if job.on_event is None:
             return
-        elapsed = time.monotonic() - started
-        if self.metrics:
-            self.metrics.active_fractions(mode, getattr(policy, "stats", []))
-        row = 0
-        for job in dict.fromkeys(owners):  # surviving jobs, in row order
-            n = len(job.seeds)
-            result = JobResult(
-                images[row : row + n], job.seeds, started - job.enqueued_at, elapsed, len(owners)
-            )
-            row += n
-            if not job.future.done():
-                job.future.set_result(result)
-                if self.metrics:
-                    self.metrics.images(mode, n)
-        self._finish_batch()
-
-    def _finish_batch(self) -> None:
-        with self._cond:
-            self._running = []
-            self._publish_state()
-
-    def _progress(self, owners: list[Job], info: StepInfo) -> None:
-        """Progress (and every `preview_every` steps a small preview) for streaming jobs."""
-        done = info.step + 1 == info.num_iter
-        row = 0
-        for job in dict.fromkeys(owners):
-            n = len(job.seeds)
-            if job.on_event is not None:
-                event: dict[str, Any] = {
-                    "step": info.step + 1,
-                    "total": info.num_iter,
-                    "tokens_done": info.tokens_done,
-                    "seq_len": info.seq_len,
-                }
-                if not done and (info.step + 1) % self.preview_every == 0:
-                    event["preview"] = self._preview(info.tokens[row : row + 1])
-                job.on_event(event)
-            row += n
-
-    def _preview(self, tokens) -> np.ndarray:
-        """uint8 (h, w, C) of the partial image, at most 64 px (unknown tokens are zero)."""
-        image = self.pipeline.decode(tokens)  # (1, C, H, W)
-        if image.shape[-1] > 64:
-            image = F.interpolate(image, size=(64, 64), mode="area")
-        return images_to_uint8(image)[0]
+        event: dict[str, Any] = {
+            "step": step,
+            "total": total,
+            "tokens_done": tokens_done,
+            "seq_len": seq_len,
+        }
+        if preview is not None and step < total and step % self.preview_every == 0:
+            event["preview"] = preview()
+        job.on_event(event)
 
     def _publish_state(self) -> None:
         if self.metrics:

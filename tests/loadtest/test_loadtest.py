@@ -107,22 +107,22 @@ def test_classify_names():
 
 
 def test_server_readout_from_prometheus_text():
-    before = slo.parse_prometheus("marche_batch_size_count 2\nmarche_batch_size_sum 4\n")
+    before = slo.parse_prometheus("marche_step_rows_count 2\nmarche_step_rows_sum 4\n")
     after = slo.parse_prometheus(
         textwrap.dedent(
             """\
-            # HELP marche_batch_size images per engine batch
-            marche_batch_size_bucket{le="1.0"} 3
-            marche_batch_size_count 6
-            marche_batch_size_sum 16
+            # HELP marche_step_rows images per decoding step
+            marche_step_rows_bucket{le="1.0"} 3
+            marche_step_rows_count 6
+            marche_step_rows_sum 16
             marche_rejections_total{reason="queue_full"} 2
             marche_rejections_total{reason="too_large"} 1
             """
         )
     )
     readout = slo.server_readout(before, after)
-    assert readout["batches"] == 4
-    assert readout["mean_batch_size"] == 3.0
+    assert readout["steps"] == 4
+    assert readout["mean_occupancy"] == 3.0
     assert readout["rejections"] == 3
     assert readout["mean_queue_wait_s"] is None
 
@@ -325,6 +325,6 @@ def test_locust_smoke_against_marche_serve(tmp_path):
 
         status, metrics = http_get(url + "/metrics")
         assert status == 200
-        assert slo.parse_prometheus(metrics).get("marche_batch_size_count", 0) > 0, metrics[:2000]
+        assert slo.parse_prometheus(metrics).get("marche_step_rows_count", 0) > 0, metrics[:2000]
     finally:
         stop(server)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.metrics import METRIC_NAMES
-from service.worker import EngineWorker
+from service.scheduler import ContinuousScheduler
 from tests.service.conftest import FAST, make_client
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +131,7 @@ def test_concurrent_requests_are_batched_and_metered(client):
     worker = client.app.state.client.worker
     knobs = {"max_batch_size": worker.max_batch_size, "max_wait_ms": worker.max_wait_s * 1000}
     worker.configure(max_batch_size=3, max_wait_ms=2000.0)
-    try:  # batches start when they hold 3 images: 6 concurrent requests make 2 of them
+    try:  # at most 3 rows per step; 6 concurrent requests share steps
         with ThreadPoolExecutor(6) as pool:
             futures = [
                 pool.submit(client.post, "/generate", json={"class_id": i, "seed": i, **FAST})
@@ -143,9 +143,10 @@ def test_concurrent_requests_are_batched_and_metered(client):
     assert all(r.status_code == 200 for r in responses)
     assert max(int(r.headers["x-batch-size"]) for r in responses) > 1
     text = client.get("/metrics").text
-    count = metric_value(text, "marche_batch_size_count", mode="marche")
-    single = metric_value(text, "marche_batch_size_bucket", mode="marche", le="1.0")
-    assert count > single  # some batches held more than one image
+    count = metric_value(text, "marche_step_rows_count")
+    single = metric_value(text, "marche_step_rows_bucket", le="1.0")
+    assert count > single  # some steps held more than one image
+    assert metric_value(text, "marche_step_rows_bucket", le="4.0") == count  # never over 3
     assert metric_value(text, "marche_requests_total", status="200") >= 6
     assert metric_value(text, "marche_images_generated_total") >= 6
     assert metric_value(text, "marche_step_latency_seconds_count") > 0
@@ -220,14 +221,14 @@ def test_engine_error_fails_its_batch_with_500_and_the_loop_keeps_serving(monkey
     with make_client() as c:
         wait_ready(c)
         pipeline = c.app.state.client.pipeline
-        original = pipeline.generate_tokens
+        original = pipeline.step
 
-        def flaky(class_ids, *args, **kwargs):
-            if 7 in class_ids:
+        def flaky(engine, rows):  # the continuous scheduler's step
+            if any(int(row.label) == 7 for row in rows):
                 raise RuntimeError("injected failure")
-            return original(class_ids, *args, **kwargs)
+            return original(engine, rows)
 
-        monkeypatch.setattr(pipeline, "generate_tokens", flaky)
+        monkeypatch.setattr(pipeline, "step", flaky)
         r = c.post("/generate", json={"class_id": 7, **FAST})
         assert r.status_code == 500 and "injected failure" in r.json()["detail"]
         assert c.post("/generate", json={"class_id": 3, **FAST}).status_code == 200
@@ -236,13 +237,13 @@ def test_engine_error_fails_its_batch_with_500_and_the_loop_keeps_serving(monkey
 
 def test_readiness_is_503_until_warmup_finishes(monkeypatch):
     gate = threading.Event()
-    original = EngineWorker._warmup
+    original = ContinuousScheduler.warmup
 
     def gated(self):
         gate.wait(30)
         original(self)
 
-    monkeypatch.setattr(EngineWorker, "_warmup", gated)
+    monkeypatch.setattr(ContinuousScheduler, "warmup", gated)
     with make_client() as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["reason"] == "warming up"

@@ -32,9 +32,10 @@ def started_worker(pipeline: Pipeline, **kw) -> tuple[EngineWorker, PrometheusBa
     return worker, backend
 
 
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
 @pytest.mark.parametrize("mode", ["marche", "mar"])
-def test_cancel_mid_generation_leaves_batch_mates_untouched(pipeline, mode):
-    worker, backend = started_worker(pipeline, max_wait_ms=200)
+def test_cancel_mid_generation_leaves_batch_mates_untouched(pipeline, mode, scheduler):
+    worker, backend = started_worker(pipeline, max_wait_ms=200, scheduler=scheduler)
     try:
         alone = job(5, [11], mode=mode)
         worker.submit(alone)
@@ -65,8 +66,8 @@ def test_cancel_mid_generation_leaves_batch_mates_untouched(pipeline, mode):
         worker.stop()
 
 
-def test_only_compatible_jobs_share_a_batch(pipeline):
-    worker, _ = started_worker(pipeline, max_wait_ms=300, max_batch_size=4)
+def test_static_scheduler_batches_only_compatible_jobs(pipeline):
+    worker, _ = started_worker(pipeline, max_wait_ms=300, max_batch_size=4, scheduler="static")
     try:
         jobs = [
             job(1, [0]),
@@ -91,3 +92,37 @@ def test_queued_jobs_are_cancelled_at_once_and_stop_fails_leftovers(pipeline):
     with pytest.raises(JobCancelled):
         queued.future.result(1)
     assert worker.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["mar", "marche", "turbo"])
+def test_continuous_a_request_joining_mid_way_gets_the_image_it_gets_alone(pipeline, mode):
+    """The real digits engine: a request admitted while others are mid-run (other steps,
+    cfg, classes and modes) returns the same image as on an idle server, and as the static
+    scheduler gives it."""
+    static, _ = started_worker(pipeline, scheduler="static", max_wait_ms=0)
+    try:
+        ours = job(7, [42], SamplingParams(num_iter=10, cfg=2.5), mode=mode)
+        static.submit(ours)
+        expected = ours.future.result(60).images
+    finally:
+        static.stop()
+    worker, backend = started_worker(pipeline)
+    try:
+        joined = job(7, [42], SamplingParams(num_iter=10, cfg=2.5), mode=mode)
+        first = job(1, [1, 2], SamplingParams(num_iter=16, cfg=4.0), mode="turbo")
+
+        def on_event(event):  # between steps 3 and 4 of the first request, ours arrives
+            if event["step"] == 3:
+                worker.submit(joined)
+
+        first.on_event = on_event
+        worker.submit(first)
+        worker.submit(job(3, [5], SamplingParams(num_iter=12, cfg=1.0), mode="mar"))
+        result = joined.future.result(60)
+        assert first.future.result(60).images.shape[0] == 2
+        # tokens agree to fp32 rounding (tests/engine/test_step.py); pixels to 1 level
+        assert np.abs(result.images.astype(int) - expected).max() <= 1
+        text = backend.render().decode()
+        assert metric_value(text, "marche_admissions_total", mode=mode, mid_flight="true") >= 1
+    finally:
+        worker.stop()

@@ -1,0 +1,80 @@
+"""A request as the engine worker sees it, and how it ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.model.config import SamplingParams
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity: answer 503 with Retry-After."""
+
+
+class JobCancelled(Exception):
+    """The job was dropped before finishing; `reason` is "disconnected" or "deadline"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"request cancelled: {reason}")
+        self.reason = reason
+
+
+class EngineError(Exception):
+    """The batch this job ran in failed."""
+
+
+@dataclass
+class JobResult:
+    images: np.ndarray  # uint8 (n, H, W, C)
+    seeds: list[int]
+    queue_s: float
+    generation_s: float
+    batch_size: int  # images in the engine batch
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request: `len(seeds)` images of one class with shared sampling params."""
+
+    class_id: int
+    seeds: list[int]
+    params: SamplingParams
+    mode: str
+    deadline: float  # time.monotonic() after which the job is dropped
+    request_id: str = ""
+    # called from the worker thread with progress/preview events (streaming requests)
+    on_event: Callable[[dict[str, Any]], None] | None = None
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancel_reason: str | None = None
+    started_at: float | None = None  # when its first step began (continuous)
+    closed: bool = False  # answered or dropped (counted once, whatever the future's state)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Jobs with equal keys can share a batch."""
+        return (self.params.num_iter, self.mode)
+
+    def fail(self, exc: Exception) -> bool:
+        """Close the job with `exc`; False if it was closed already. The future may already
+        be cancelled by its awaiting side (asyncio cancels it when the client goes away)."""
+        if self.closed:
+            return False
+        self.closed = True
+        if not self.future.done():
+            self.future.set_exception(exc)
+        return True
+
+    def succeed(self, result: JobResult) -> bool:
+        if self.closed:
+            return False
+        self.closed = True
+        if not self.future.done():
+            self.future.set_result(result)
+        return True

@@ -1,0 +1,183 @@
+"""The continuous scheduler with a fake engine: admission order, slot reuse, cancellation
+mid-run, deadlines, a failing step failing only its rows, occupancy metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from engine.model.config import SamplingParams
+from service.metrics import Metrics, PrometheusBackend
+from service.worker import EngineError, EngineWorker, Job, JobCancelled
+from tests.service.test_api import metric_value
+
+
+@dataclass(eq=False)
+class FakeRow:
+    job: Job
+    seed: int
+    steps: int
+    done: int = 0
+
+
+class FakeRows:
+    """A `RowEngine` whose rows count steps; `gate` (if set) holds each step until opened."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self.live = 0
+        self.admitted: list[int] = []  # class ids, in admission order
+        self.steps: list[list[int]] = []  # class ids of the rows of each step
+        self.fail_when = lambda rows: False
+        self.gate: threading.Event | None = None
+        self.delay = 0.0  # seconds per step
+
+    def admit(self, job: Job) -> list[FakeRow]:
+        self.admitted.append(job.class_id)
+        self.live += len(job.seeds)
+        assert self.live <= self.capacity, "admitted past the pool"
+        return [FakeRow(job, seed, job.params.num_iter) for seed in job.seeds]
+
+    def step(self, rows) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        time.sleep(self.delay)
+        self.steps.append([r.job.class_id for r in rows])
+        if self.fail_when(rows):
+            raise RuntimeError("boom")
+        for r in rows:
+            r.done += 1
+
+    def release(self, rows) -> None:
+        self.live -= len(rows)
+
+    def finished(self, row: FakeRow) -> bool:
+        return row.done == row.steps
+
+    def progress(self, row: FakeRow):
+        return row.done, row.steps, row.done, row.steps
+
+    def active_fraction(self, row: FakeRow) -> float:
+        return 1.0
+
+    def images(self, rows) -> np.ndarray:
+        return np.stack([np.full((2, 2, 1), r.seed, np.uint8) for r in rows])
+
+    def preview(self, row: FakeRow) -> np.ndarray:
+        return np.zeros((2, 2, 1), np.uint8)
+
+
+def job(class_id: int, seeds: list[int], steps: int = 3, timeout: float = 30, **kw) -> Job:
+    params = SamplingParams(num_iter=steps, cfg=1.0)
+    return Job(class_id, seeds, params, "marche", time.monotonic() + timeout, **kw)
+
+
+@pytest.fixture
+def fake():
+    rows = FakeRows()
+    backend = PrometheusBackend()
+    worker = EngineWorker(None, rows=rows, max_batch_size=4, metrics=Metrics(backend, "fake"))
+    worker.start(warmup=False)
+    yield worker, rows, backend
+    if rows.gate is not None:
+        rows.gate.set()
+    worker.stop(5)
+
+
+def test_requests_join_at_step_boundaries_in_fifo_order(fake):
+    worker, rows, backend = fake
+    rows.gate = threading.Event()
+    first = job(1, [10], steps=4)
+    worker.submit(first)
+    time.sleep(0.1)  # the first step of job 1 is being held
+    later = [job(2, [20], steps=2), job(3, [30, 31], steps=1), job(4, [40, 41], steps=1)]
+    for j in later:
+        worker.submit(j)
+    rows.gate.set()
+    results = [j.future.result(5) for j in [first, *later]]
+    assert rows.admitted == [1, 2, 3, 4]
+    # step 1: job 1 alone; step 2: 2 and 3 joined (4 rows, the limit), job 4 waits; after
+    # job 3 finishes, job 4 takes its two slots
+    assert rows.steps[:3] == [[1], [1, 2, 3, 3], [1, 2, 4, 4]]
+    assert [r.images[:, 0, 0, 0].tolist() for r in results] == [[10], [20], [30, 31], [40, 41]]
+    assert all(max(len(s) for s in rows.steps) <= 4 for s in rows.steps)
+    text = backend.render().decode()
+    assert metric_value(text, "marche_admissions_total", mid_flight="true") == 3
+    assert metric_value(text, "marche_step_rows_count") == len(rows.steps)
+    assert rows.live == 0 and worker.counts() == (0, 0)
+
+
+def test_a_large_request_is_not_starved_by_small_ones(fake):
+    worker, rows, _ = fake
+    rows.gate = threading.Event()
+    worker.submit(job(1, [0, 1, 2], steps=3))
+    time.sleep(0.1)
+    big = job(2, [0, 1, 2, 3], steps=1)  # needs the whole pool
+    small = [job(3 + i, [0], steps=1) for i in range(3)]
+    worker.submit(big)
+    for j in small:
+        worker.submit(j)
+    rows.gate.set()
+    big.future.result(5)
+    for j in small:
+        j.future.result(5)
+    assert rows.admitted == [1, 2, 3, 4, 5]  # the small ones did not overtake it
+
+
+def test_cancel_mid_run_frees_the_rows_before_the_next_step(fake):
+    worker, rows, backend = fake
+    victim = job(1, [0, 1], steps=6)
+    mate = job(2, [5], steps=6)
+
+    def on_event(event):
+        if event["step"] == 2:
+            worker.cancel(victim, "disconnected")
+
+    victim.on_event = on_event
+    worker.submit(victim)
+    worker.submit(mate)
+    assert mate.future.result(5).images.shape[0] == 1
+    with pytest.raises(JobCancelled):
+        victim.future.result(1)
+    victim_steps = [s.count(1) for s in rows.steps]
+    assert victim_steps[:2] == [2, 2] and not any(victim_steps[2:])
+    text = backend.render().decode()
+    assert metric_value(text, "marche_cancellations_total", reason="disconnected") == 1
+    assert rows.live == 0
+
+
+def test_a_deadline_drops_a_running_request(fake):
+    worker, rows, backend = fake
+    rows.delay = 0.02
+    late = job(1, [0], steps=100, timeout=0.3)  # needs 2 s
+    on_time = job(2, [0], steps=5)
+    worker.submit(late)
+    worker.submit(on_time)
+    with pytest.raises(JobCancelled) as info:
+        late.future.result(5)
+    assert on_time.future.result(5).images.shape[0] == 1
+    assert info.value.reason == "deadline" and 5 <= len(rows.steps) < 50
+    time.sleep(0.1)
+    assert rows.live == 0
+    text = backend.render().decode()
+    assert metric_value(text, "marche_cancellations_total", reason="deadline") == 1
+
+
+def test_a_failing_step_fails_only_the_requests_in_it(fake):
+    worker, rows, _ = fake
+    rows.fail_when = lambda batch: any(r.job.class_id == 9 for r in batch)
+    doomed = [job(9, [0]), job(1, [1])]  # in the same step as the failing row
+    for j in doomed:
+        worker.submit(j)
+    for j in doomed:
+        with pytest.raises(EngineError):
+            j.future.result(5)
+    rows.fail_when = lambda batch: False
+    after = job(2, [7])
+    worker.submit(after)
+    assert after.future.result(5).images[0, 0, 0, 0] == 7
+    assert after.closed and rows.live == 0 and worker.alive
