@@ -19,6 +19,9 @@ def serve(
     vae: Annotated[Path | None, typer.Option(help="KL-16 VAE checkpoint")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16, fp32")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="continuous (step-level batching) or static")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="images per batch")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="batch fill wait")] = None,
     queue_size: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
@@ -34,6 +37,7 @@ def serve(
         "vae": vae and str(vae),
         "device": device,
         "dtype": dtype,
+        "scheduler": scheduler,
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "queue_size": queue_size,
