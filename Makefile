@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest
+.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,12 @@ RATE     ?= 2
 DURATION ?= 60s
 # extra flags, e.g. LOCUST_ARGS="--slo-p95-ms 5000 --slo-min-rps 1"
 LOCUST_ARGS ?=
+
+# Open-loop Poisson load, static vs continuous batching, one server at a time (starts them
+# itself; MARCHE_* variables reach the servers). JSON, table and PNG in docs/results/.
+LOADBENCH_ARGS ?= --steps 32 --duration 90 --capacity-s 40
+loadbench: install  ## static vs continuous at 50/80/95% of capacity (~15 min on this CPU)
+	$(BIN)/python -m loadtest.loadbench $(LOADBENCH_ARGS) --out docs/results/loadbench
 
 loadtest: install  ## Locust headless against $(HOST); SLO report in loadtest/results/
 	mkdir -p loadtest/results
