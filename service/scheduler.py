@@ -74,9 +74,7 @@ class RowEngine(Protocol):
 class PipelineRows:
     """`RowEngine` over a pipeline's step engine: the cache pool is allocated once here."""
 
-    def __init__(
-        self, pipeline: Pipeline, capacity: int, marche: MarcheConfig, preview_px: int = 64
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, capacity: int, marche: MarcheConfig) -> None:
         self.pipeline, self.capacity, self.marche = pipeline, capacity, marche
         self.engine = pipeline.step_engine(capacity)
 
@@ -182,12 +180,17 @@ class ContinuousScheduler:
         """FIFO: the head of the queue joins while its images fit (never overtaken)."""
         w = self.worker
         in_flight = sum(len(rows) for rows in running.values())
+        mid_flight = bool(running)  # joining rows that are already decoding
         limit = min(w.max_batch_size, self.rows.capacity)
         while w._waiting and not w._stopping:
             job = w._waiting[0]
-            fits = in_flight + len(job.seeds) <= limit
-            if not fits and (running or len(job.seeds) > self.rows.capacity):
-                break
+            if len(job.seeds) > self.rows.capacity:  # can never fit: say so, don't block
+                w._waiting.popleft()
+                job.fail(EngineError(f"{len(job.seeds)} images exceed the engine's "
+                                     f"{self.rows.capacity} rows"))  # fmt: skip
+                continue
+            if in_flight + len(job.seeds) > limit and running:
+                break  # FIFO: wait for rows to free up (an idle engine takes it anyway)
             w._waiting.popleft()
             try:
                 rows = self.rows.admit(job)
@@ -196,7 +199,7 @@ class ContinuousScheduler:
                 continue
             job.started_at = now
             if w.metrics:
-                w.metrics.admitted(job.mode, len(rows), now - job.enqueued_at, bool(running))
+                w.metrics.admitted(job.mode, len(rows), now - job.enqueued_at, mid_flight)
             running[job] = rows
             in_flight += len(rows)
 

@@ -74,7 +74,7 @@ class EngineWorker:
             self._scheduler = StaticScheduler(self)
         else:
             capacity = max(max_batch_size, MAX_IMAGES)  # any single request fits
-            rows = rows or PipelineRows(pipeline, capacity, self.marche, preview_every)
+            rows = rows or PipelineRows(pipeline, capacity, self.marche)
             self._scheduler = ContinuousScheduler(self, rows)
         self._cond = threading.Condition()
         self._stopping = False

@@ -181,3 +181,14 @@ def test_a_failing_step_fails_only_the_requests_in_it(fake):
     worker.submit(after)
     assert after.future.result(5).images[0, 0, 0, 0] == 7
     assert after.closed and rows.live == 0 and worker.alive
+
+
+def test_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fake):
+    worker, rows, _ = fake
+    too_big = job(1, [0, 1, 2, 3, 4])  # 5 images, 4 rows
+    after = job(2, [3])
+    worker.submit(too_big)
+    worker.submit(after)
+    with pytest.raises(EngineError, match="exceed"):
+        too_big.future.result(5)
+    assert after.future.result(5).images.shape[0] == 1
