@@ -22,11 +22,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from engine.decode.policy import MODES
 from engine.images import encode_image, make_grid
 from engine.model.config import SamplingParams
+from engine.pipeline import MODELS
 from service.engine_client import EngineClient, EngineRequest, LocalEngineClient
 from service.metrics import Metrics, PrometheusBackend
-from service.schemas import MAX_SEED, MEDIA_TYPES, GenerateRequest, GenerateResponse
+from service.schemas import (
+    ERRORS,
+    MAX_SEED,
+    MEDIA_TYPES,
+    GenerateRequest,
+    GenerateResponse,
+)
 from service.settings import ServiceSettings
 from service.worker import EngineError, JobCancelled, JobResult, QueueFull
 
@@ -34,10 +42,59 @@ TIMEOUT_HEADER = "x-request-timeout-seconds"
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
 
 
-def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
+def _invalid(field: str, message: str, value: Any, where: str = "body") -> RequestValidationError:
     return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
+        [{"type": "value_error", "loc": (where, field), "msg": message, "input": value}]
     )
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+class BodyGuard:
+    """ASGI middleware in front of the POST endpoints: a JSON content type (else 415) and a
+    body of at most `limit` bytes (else 413), checked before anything parses it. A declared
+    Content-Length over the limit is refused without reading; otherwise at most limit + 1
+    bytes are read, then replayed to the app."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            detail = f"Content-Type must be application/json, not {media or 'missing'!r}"
+            return await JSONResponse({"detail": detail}, 415)(scope, receive, send)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        detail = f"request body over {self.limit} bytes"
+        await JSONResponse({"detail": detail}, 413)(scope, receive, send)
 
 
 def build_app(
@@ -48,7 +105,7 @@ def build_app(
     """The app. Without `client`, it loads the model and runs the engine in-process."""
     settings = settings or ServiceSettings()
     backend = PrometheusBackend() if metrics is None else None
-    metrics = metrics or Metrics(backend, settings.model)
+    metrics = metrics or Metrics(backend, settings.model, MODES)
     local = client is None
 
     @contextlib.asynccontextmanager
@@ -67,6 +124,21 @@ def build_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
+    num_classes = MODELS[settings.model].config.class_num if settings.model in MODELS else None
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema, with the served model's class-id range."""
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            if num_classes is not None:
+                field = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+                field["class_id"] |= {"minimum": 0, "maximum": num_classes - 1}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
     app.state.info = None
 
@@ -94,7 +166,8 @@ def build_app(
             except ValueError:
                 requested = float("nan")
             if not requested > 0:  # also NaN
-                raise _invalid(TIMEOUT_HEADER, "must be a positive number of seconds", header)
+                raise _invalid(TIMEOUT_HEADER, "must be a positive number of seconds", header,
+                               where="header")  # fmt: skip
             timeout = min(timeout, requested)
         d = info["defaults"]
         params = SamplingParams(
@@ -115,6 +188,8 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming the field and the reason (a NaN input must not turn it into a 500)."""
+        if request.url.path.startswith("/generate"):  # counted under the server's default mode
+            metrics.request_finished(settings.default_mode, 422)
         return JSONResponse({"detail": _json_safe(exc.errors())}, 422)
 
     def error(status: int, message: str, request_id: str, **headers: str) -> JSONResponse:
@@ -126,9 +201,8 @@ def build_app(
         """The HTTP answer for an engine-side failure (and its request metric)."""
         if isinstance(exc, QueueFull):
             status = 503
-            response = error(
-                503, str(exc), req.request_id, **{"Retry-After": str(settings.retry_after_s)}
-            )
+            retry = max(settings.retry_after_s, int(getattr(exc, "retry_after", 1)))
+            response = error(503, str(exc), req.request_id, **{"Retry-After": str(retry)})
         elif isinstance(exc, JobCancelled):
             status = 504 if exc.reason == "deadline" else CLIENT_CLOSED
             response = error(status, f"deadline of {req.timeout_s:g} s passed", req.request_id)
@@ -139,7 +213,7 @@ def build_app(
         return response
 
     @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
-        "image/png": {}, "image/jpeg": {}, "image/webp": {}}}})  # fmt: skip
+        "image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS})  # fmt: skip
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """Generate `num_images` images of `class_id`: image bytes (a grid if > 1) or JSON."""
         started = time.monotonic()
@@ -189,7 +263,9 @@ def build_app(
         data = await asyncio.to_thread(_encode, result.images, body.format)
         return Response(data, media_type=MEDIA_TYPES[body.format], headers=headers)
 
-    @app.post("/generate/stream")
+    @app.post("/generate/stream", response_class=EventStream, responses={
+        200: {"description": "server-sent events: progress, image, done or error"},
+        **{k: v for k, v in ERRORS.items() if k != 500}})  # fmt: skip
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         """Server-sent events: `progress` per step (with a small `preview` now and then),
         one `image` per image, then `done`."""
@@ -224,9 +300,7 @@ def build_app(
                 raise
             metrics.request_finished(req.mode, 200, time.monotonic() - started)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"X-Request-ID": req.request_id}
-        )
+        return EventStream(events(), headers={"X-Request-ID": req.request_id})
 
     @app.get("/classes")
     async def classes() -> dict[str, Any]:
@@ -241,7 +315,7 @@ def build_app(
         """The process is up (liveness)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready (the reason is given)"}})
     async def readyz() -> JSONResponse:
         """Model loaded, warmed up (a probe generation ran) and the engine loop alive."""
         ok, reason = await app.state.client.readiness()
@@ -264,17 +338,36 @@ def build_app(
     return app
 
 
-def _json_safe(value: Any) -> Any:
-    """Errors echo the input: non-finite floats and other non-JSON values become strings."""
+ECHO_CHARS, ECHO_ITEMS = 64, 8  # what a 422 echoes of an input at most
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """Errors echo the input, briefly: non-finite floats and other non-JSON values become
+    strings; long strings and large or deep containers are cut (never echo a big input)."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        if depth > 3:
+            return f"<object of {len(value)} keys>"
+        items = list(value.items())
+        out = {str(k)[:ECHO_CHARS]: _json_safe(v, depth + 1) for k, v in items[:ECHO_ITEMS]}
+        if len(items) > ECHO_ITEMS:
+            out["..."] = f"{len(items) - ECHO_ITEMS} more keys"
+        return out
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        if depth > 3:
+            return f"<array of {len(value)} items>"
+        out_list = [_json_safe(v, depth + 1) for v in value[:ECHO_ITEMS]]
+        if len(value) > ECHO_ITEMS:
+            out_list.append(f"... {len(value) - ECHO_ITEMS} more items")
+        return out_list
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]}... ({len(value)} chars)"
     if value is None or isinstance(value, str | int | float | bool):
         return value
-    return str(value)
+    return _json_safe(str(value), depth)
 
 
 def _b64(data: bytes) -> str:

@@ -102,6 +102,7 @@ class LocalEngineClient:
             metrics=metrics,
             preview_every=settings.preview_every,
             scheduler=settings.scheduler,
+            retry_after_s=settings.retry_after_s,
         )
         self._info = model_info(self.pipeline, settings)
 
@@ -164,3 +165,4 @@ class LocalEngineClient:
         finally:  # closed early (client gone, generator cancelled): drop the job
             if not result.done():
                 self.worker.cancel(job, "disconnected")
+                result.cancel()  # nobody awaits it now: its JobCancelled must not be logged

@@ -14,7 +14,15 @@ from engine.model.config import SamplingParams
 
 
 class QueueFull(Exception):
-    """The waiting queue is at capacity: answer 503 with Retry-After."""
+    """The waiting queue is at capacity (or the engine is stopping): answer 503 with
+    Retry-After = `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):  # keeps retry_after across processes (Ray)
+        return (QueueFull, (str(self), self.retry_after))
 
 
 class JobCancelled(Exception):

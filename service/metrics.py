@@ -95,12 +95,31 @@ class PrometheusBackend:
         return prom.generate_latest(self.registry)
 
 
+# Label values known up front. Each series is created at 0 on start-up: a series that first
+# appears at its first increment starts at its final count, so `rate()` of a burst that
+# creates it reads 0 (a burst of 503s would never show on the dashboard).
+STATUSES = ("200", "422", "499", "500", "503", "504")
+REJECTIONS = ("queue_full",)
+CANCELLATIONS = ("disconnected", "deadline")
+
+
 class Metrics:
     """The service's metrics, labelled with the served model."""
 
-    def __init__(self, backend: Backend, model: str) -> None:
+    def __init__(self, backend: Backend, model: str, modes: Iterable[str] = ()) -> None:
         self.backend, self.model = backend, model
         self._m = {spec.name: backend.make(spec) for spec in SPECS}
+        self.modes = tuple(modes)
+        for mode in self.modes:
+            for status in STATUSES:
+                self._labels("marche_requests_total", mode=mode, status=status).inc(0)
+            for reason in CANCELLATIONS:
+                self._labels("marche_cancellations_total", mode=mode, reason=reason).inc(0)
+            self._labels("marche_images_generated_total", mode=mode).inc(0)
+            for flag in ("true", "false"):
+                self._labels("marche_admissions_total", mode=mode, mid_flight=flag).inc(0)
+        for reason in REJECTIONS:
+            self._labels("marche_rejections_total", reason=reason).inc(0)
 
     def _labels(self, name: str, **tags: str) -> Any:
         return self._m[name].labels(model=self.model, **tags)

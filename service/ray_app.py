@@ -41,6 +41,8 @@ class _Tagged:
         self.metric.observe(value, tags=self.tags)
 
     def inc(self, value: float = 1.0) -> None:
+        if value == 0:  # Ray's Counter refuses 0: series are not pre-created under Ray yet
+            return
         self.metric.inc(value, tags=self.tags)
 
     def set(self, value: float) -> None:

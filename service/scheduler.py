@@ -225,8 +225,10 @@ class ContinuousScheduler:
         now = time.monotonic()
         started = job.started_at or job.enqueued_at
         result = JobResult(images, job.seeds, started - job.enqueued_at, now - started, batch_size)
-        if job.succeed(result) and self.worker.metrics:
-            self.worker.metrics.images(job.mode, len(rows))
+        if job.succeed(result):
+            self.worker.note_images(len(rows))
+            if self.worker.metrics:
+                self.worker.metrics.images(job.mode, len(rows))
 
 
 class StaticScheduler:
@@ -332,8 +334,10 @@ class StaticScheduler:
                 images[row : row + n], job.seeds, started - job.enqueued_at, elapsed, len(owners)
             )
             row += n
-            if job.succeed(result) and w.metrics:
-                w.metrics.images(mode, n)
+            if job.succeed(result):
+                w.note_images(n)
+                if w.metrics:
+                    w.metrics.images(mode, n)
         self._finish_batch()
 
     def _finish_batch(self) -> None:

@@ -20,6 +20,7 @@ handlers await with `asyncio.wrap_future`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -56,6 +57,7 @@ class EngineWorker:
         preview_every: int = 4,
         scheduler: str = "continuous",
         rows: RowEngine | None = None,
+        retry_after_s: int = 1,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
@@ -67,6 +69,8 @@ class EngineWorker:
         self.ready = False
         self.last_error: str | None = None
         self._waiting: deque[Job] = deque()
+        self.min_retry_after_s = retry_after_s
+        self._completed: deque[tuple[float, int]] = deque()  # (time, images) of recent jobs
         self._running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
         self.scheduler_name = scheduler
         self._scheduler: StaticScheduler | ContinuousScheduler
@@ -111,7 +115,8 @@ class EngineWorker:
             if len(self._waiting) >= self.queue_size:
                 if self.metrics:
                     self.metrics.rejected("queue_full")
-                raise QueueFull(f"queue full ({self.queue_size} requests waiting)")
+                retry = self.retry_after_s()
+                raise QueueFull(f"queue full ({self.queue_size} requests waiting)", retry)
             self._waiting.append(job)
             self._publish_state()
             self._cond.notify_all()
@@ -126,6 +131,24 @@ class EngineWorker:
                 self._waiting.remove(job)
                 self._drop(job)
                 self._publish_state()
+
+    def note_images(self, count: int, at: float | None = None) -> None:
+        """Images finished (any thread): the throughput Retry-After is derived from."""
+        with self._cond:
+            self._completed.append((time.monotonic() if at is None else at, count))
+
+    def retry_after_s(self, window_s: float = 60.0) -> int:
+        """Seconds until the images ahead of a new request are likely done: images queued and
+        running ÷ images/s over the last `window_s` (at least `min_retry_after_s`, at most
+        10 min). Call with the lock held."""
+        now = time.monotonic()
+        while self._completed and now - self._completed[0][0] > window_s:
+            self._completed.popleft()
+        ahead = sum(len(j.seeds) for j in self._waiting) + sum(len(j.seeds) for j in self._running)
+        if len(self._completed) < 2 or now <= self._completed[0][0]:
+            return self.min_retry_after_s
+        rate = sum(n for _, n in self._completed) / (now - self._completed[0][0])
+        return int(min(600, max(self.min_retry_after_s, math.ceil(ahead / rate))))
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
