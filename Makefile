@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+SERVE_HOST ?= 0.0.0.0
 serve: install  ## the HTTP service with the shipped digits model (uvicorn, in-process engine)
-	$(BIN)/marche serve --host 0.0.0.0 --port 8000
+	@echo "marche serve on $(SERVE_HOST):8000 (0.0.0.0 = every interface; SERVE_HOST=127.0.0.1 for loopback only)"
+	$(BIN)/marche serve --host $(SERVE_HOST) --port 8000
 
 serve-ray: install  ## the same app under Ray Serve (deploy/serve_config.yaml)
 	$(BIN)/marche serve --ray --host 0.0.0.0 --port 8000
@@ -31,7 +33,7 @@ grid: install  ## the README's grid: every class, seeds 0-7, exact MAR, default 
 	$(BIN)/marche generate $(foreach c,0 1 2 3 4 5 6 7 8 9,--class-id $(c)) --num 8 --seed 0 \
 		--scale 3 --out docs/digits_mar.png
 
-test: install  ## the whole test suite (CPU)
+test: install  ## the whole test suite (CPU; ~8 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
 lint: install

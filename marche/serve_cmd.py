@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -56,4 +57,33 @@ def serve(
     from service.app import build_app
     from service.settings import ServiceSettings
 
-    uvicorn.run(build_app(ServiceSettings()), host=host, port=port, log_level="info")
+    settings = ServiceSettings()
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info",
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+    )  # fmt: skip
+    server = draining_server(config, drain=lambda: _drain(app))
+    if host in ("0.0.0.0", "::"):
+        typer.echo(f"marche serve: listening on every interface ({host}:{port})", err=True)
+    server.run()
+
+
+def _drain(app) -> None:
+    client = getattr(app.state, "client", None)
+    if client is not None and hasattr(client, "drain"):
+        client.drain()
+
+
+def draining_server(config, drain: Callable[[], None]):
+    """uvicorn's Server, draining the engine as soon as a shutdown signal arrives: queued
+    requests are answered 503 at once (uvicorn alone would wait for every one of them),
+    running ones get `MARCHE_SHUTDOWN_GRACE_S` (uvicorn's graceful-shutdown timeout)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            drain()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)

@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 
 from engine.decode.policy import MODES
 from engine.images import encode_image, make_grid
@@ -118,7 +119,7 @@ def build_app(
         if local:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served from the package (no CDN)
         title="MARché Serve",
         description="Class-conditional image generation with MAR and MARché decoding.",
         version="0.1.0",

@@ -109,8 +109,12 @@ class LocalEngineClient:
     def start(self) -> None:
         self.worker.start(warmup=self.settings.warmup)
 
+    def drain(self) -> None:
+        """Shutdown has begun: queued requests get 503 now, running ones finish."""
+        self.worker.drain()
+
     def stop(self) -> None:
-        self.worker.stop()
+        self.worker.stop(self.settings.shutdown_grace_s)
 
     async def info(self) -> dict[str, Any]:
         running, waiting = self.worker.counts()

@@ -32,6 +32,9 @@ class ServiceSettings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request")
     retry_after_s: int = Field(1, ge=1, description="least Retry-After on 503")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM: queued requests get 503, running ones this long"
+    )
     max_body_bytes: int = Field(16384, ge=256, description="largest POST body (else 413)")
     warmup: bool = True  # a probe generation before /readyz turns 200
     preview_every: int = Field(4, ge=1, description="stream a preview every N steps")

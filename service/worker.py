@@ -92,11 +92,19 @@ class EngineWorker:
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail what is still queued, end the thread."""
+    def drain(self) -> None:
+        """Begin shutting down: accept nothing more, answer every queued job at once (503),
+        let the running ones finish."""
         with self._cond:
             self._stopping = True
+            while self._waiting:
+                self._waiting.popleft().fail(QueueFull("the engine is shutting down"))
+            self._publish_state()
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, then wait up to `timeout` s for the running jobs and the thread to end."""
+        self.drain()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -142,3 +142,11 @@ def test_a_stream_closed_early_logs_no_unretrieved_exception(caplog):
         text = c.get("/metrics").text
     assert "never retrieved" not in caplog.text
     assert metric_value(text, "marche_cancellations_total", reason="disconnected") == 1
+
+
+def test_docs_load_their_assets_from_the_server_not_a_cdn(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/static-offline-docs/{asset}" in page.text
+        assert client.get(f"/static-offline-docs/{asset}").status_code == 200
