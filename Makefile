@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench
+.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ grid: install  ## the README's grid: every class, seeds 0-7, exact MAR, default 
 
 test: install  ## the whole test suite (CPU; ~8 min on 2 cores)
 	$(BIN)/python -m pytest -q
+
+fuzz: install  ## schemathesis against the app's OpenAPI, 3000 examples per operation (CI: 300)
+	MARCHE_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/service/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -30,11 +30,10 @@ from engine.pipeline import MODELS
 from service.engine_client import EngineClient, EngineRequest, LocalEngineClient
 from service.metrics import Metrics, PrometheusBackend
 from service.schemas import (
-    ERRORS,
-    MAX_SEED,
     MEDIA_TYPES,
     GenerateRequest,
     GenerateResponse,
+    error_responses,
 )
 from service.settings import ServiceSettings
 from service.worker import EngineError, JobCancelled, JobResult, QueueFull
@@ -53,17 +52,20 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
 
+BODY_PATHS = ("/generate", "/generate/stream")  # the endpoints that take a body
+
+
 class BodyGuard:
-    """ASGI middleware in front of the POST endpoints: a JSON content type (else 415) and a
-    body of at most `limit` bytes (else 413), checked before anything parses it. A declared
-    Content-Length over the limit is refused without reading; otherwise at most limit + 1
-    bytes are read, then replayed to the app."""
+    """ASGI middleware in front of the POST endpoints with a body: a JSON content type
+    (else 415) and a body of at most `limit` bytes (else 413), checked before anything parses
+    it. A declared Content-Length over the limit is refused without reading; otherwise at
+    most limit + 1 bytes are read, then replayed to the app."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in BODY_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         media = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -158,8 +160,6 @@ def build_app(
                 body.class_id,
             )
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        if seed + body.num_images - 1 > MAX_SEED:
-            raise _invalid("seed", f"seed + num_images - 1 must be <= {MAX_SEED}", body.seed)
         timeout = settings.request_timeout_s
         if (header := request.headers.get(TIMEOUT_HEADER)) is not None:
             try:
@@ -214,7 +214,8 @@ def build_app(
         return response
 
     @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
-        "image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS})  # fmt: skip
+        "image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **error_responses(400, 413, 415, 422, 500, 503, 504)})  # fmt: skip
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """Generate `num_images` images of `class_id`: image bytes (a grid if > 1) or JSON."""
         started = time.monotonic()
@@ -265,8 +266,10 @@ def build_app(
         return Response(data, media_type=MEDIA_TYPES[body.format], headers=headers)
 
     @app.post("/generate/stream", response_class=EventStream, responses={
-        200: {"description": "server-sent events: progress, image, done or error"},
-        **{k: v for k, v in ERRORS.items() if k != 500}})  # fmt: skip
+        200: {"description": "server-sent events: progress, image, done or error",
+              "content": {"text/event-stream": {"schema": {
+                  "type": "object", "description": "each event's data: a JSON object"}}}},
+        **error_responses(400, 413, 415, 422, 503, 504)})  # fmt: skip
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         """Server-sent events: `progress` per step (with a small `preview` now and then),
         one `image` per image, then `done`."""

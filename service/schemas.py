@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.decode.policy import MODES
 
 MAX_IMAGES = 16
 MAX_STEPS = 256
 MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
+
+
+def _number(value: Any) -> Any:
+    """JSON numbers only: true and "3" are not numbers (pydantic's lax mode would take them);
+    3.0 is an integer, as JSON Schema says."""
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("number_type", "Input should be a JSON number, not {kind}",
+                                  {"kind": type(value).__name__})  # fmt: skip
+    return value
+
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
@@ -22,7 +33,6 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",  # a misspelt field is an error, not silently ignored
-        strict=True,  # "3", true and 3.0 are not class ids; false is not a temperature
         allow_inf_nan=False,
         json_schema_extra={"examples": [{"class_id": 3, "cfg": 3.0, "seed": 0}]},
     )
@@ -30,9 +40,10 @@ class GenerateRequest(BaseModel):
     # its range depends on the served model: checked (and put in the OpenAPI schema) by the app
     class_id: int = Field(description="class label (digits: 0..9; ImageNet: 0..999)")
     cfg: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="seed of the first image (image i uses seed + i)"
-    )
+    seed: int | None = Field(  # every image's seed (seed + i) stays <= MAX_SEED
+        None, ge=0, le=MAX_SEED - MAX_IMAGES + 1,
+        description="seed of the first image (image i uses seed + i)",
+    )  # fmt: skip
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="autoregressive steps")
     temperature: float | None = Field(None, ge=0, le=10, description="diffusion temperature")
     cfg_schedule: Literal["linear", "constant"] | None = None
@@ -44,6 +55,10 @@ class GenerateRequest(BaseModel):
     response: Literal["image", "json"] | None = Field(
         None, description="'json' returns base64 images (same as Accept: application/json)"
     )
+
+    _numbers = field_validator(
+        "class_id", "cfg", "seed", "steps", "temperature", "num_images", mode="before"
+    )(_number)
 
 
 class ImageOut(BaseModel):
@@ -75,13 +90,32 @@ class ErrorOut(BaseModel):
     detail: str | list[dict]
 
 
-ERRORS: dict[int | str, dict] = {
-    413: {"model": ErrorOut, "description": "request body too large"},
-    415: {"model": ErrorOut, "description": "Content-Type is not application/json"},
-    422: {"model": ErrorOut, "description": "a field is invalid (named in `detail`)"},
-    500: {"model": ErrorOut, "description": "the engine step this request ran in failed"},
-    503: {"model": ErrorOut, "description": "queue full or shutting down; see Retry-After",
-          "headers": {"Retry-After": {"schema": {"type": "integer"},
-                                      "description": "seconds to wait before retrying"}}},
-    504: {"model": ErrorOut, "description": "the request's deadline passed"},
-}  # fmt: skip
+_ERROR_DESCRIPTIONS = {
+    400: "the body cannot be decoded as JSON text",
+    413: "request body too large",
+    415: "Content-Type is not application/json",
+    422: "a field is invalid (named in `detail`)",
+    500: "the engine step this request ran in failed",
+    503: "queue full or shutting down; see Retry-After",
+    504: "the request's deadline passed",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI entries for error answers: JSON `ErrorOut` bodies (also on the event-stream
+    route, whose errors come before any event), Retry-After on 503."""
+    out: dict[int | str, dict] = {}
+    for code in codes:
+        entry: dict = {
+            "description": _ERROR_DESCRIPTIONS[code],
+            "content": {"application/json": {"schema": ErrorOut.model_json_schema()}},
+        }
+        if code == 503:
+            entry["headers"] = {
+                "Retry-After": {
+                    "schema": {"type": "integer"},
+                    "description": "seconds to wait before retrying",
+                }
+            }
+        out[code] = entry
+    return out
