@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench fuzz
+.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install  ## the whole test suite (CPU; ~8 min on 2 cores)
 
 fuzz: install  ## schemathesis against the app's OpenAPI, 3000 examples per operation (CI: 300)
 	MARCHE_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/service/test_fuzz.py
+
+soak: install  ## the soak test for 20 rounds (CI: 2): idle RSS within its bound
+	MARCHE_SOAK_ROUNDS=20 $(BIN)/python -m pytest -q tests/service/test_reliability.py -k soak
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -3,11 +3,14 @@
 * overload: twice the measured capacity for a while: only 200 and 503 answers, every 503
   with a sensible Retry-After, every accepted request answered, gauges back to 0 after;
 * cancel storm: 100 clients hanging up at random moments on both endpoints: the counters
-  add up, the engine loop stays alive, a normal request succeeds promptly after.
+  add up, the engine loop stays alive, a normal request succeeds promptly after;
+* soak: rounds of full batches and streams; the idle RSS after them stays within a stated
+  bound of the ready server's (`MARCHE_SOAK_ROUNDS` rounds, at least 3; `make soak`: 20).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -24,6 +28,7 @@ import pytest
 from tests.service.test_api import metric_value
 
 STEPS = 16
+log = logging.getLogger("marche.reliability")  # numbers: pytest --log-cli-level=INFO
 
 
 def free_port() -> int:
@@ -32,31 +37,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+@contextmanager
+def serve(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`marche serve` on a free loopback port with MARCHE_* settings, until ready."""
     port = free_port()
-    env = os.environ | {"MARCHE_DEVICE": "cpu", "MARCHE_MAX_BATCH_SIZE": "4",
-                        "MARCHE_QUEUE_SIZE": "8"}  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-c",
-        "from marche.cli import main; main()",
-        "serve",
-        "--port",
-        str(port),
-    ]
+    env = os.environ | {"MARCHE_DEVICE": "cpu"}
+    env |= {f"MARCHE_{k.upper()}": v for k, v in settings.items()}
+    cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
+           "--port", str(port)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve(max_batch_size="4", queue_size="8") as (url, _):
+        yield url
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def metrics(url: str) -> str:
@@ -126,9 +139,21 @@ def test_overload_is_shed_with_503s_and_every_accepted_request_is_answered(serve
         before, "marche_rejections_total"
     )
     assert shed == codes.count(503)
+    retry = [int(r.headers["retry-after"]) for r in answers if r.status_code == 503]
+    log.info("overload: capacity %.2f req/s, %d requests at 2x, %d served, %d shed (503), "
+             "Retry-After %d..%d s", capacity, len(codes), codes.count(200), codes.count(503),
+             min(retry), max(retry))  # fmt: skip
 
 
-def test_a_cancel_storm_leaves_the_counters_consistent_and_the_engine_alive(server):
+@pytest.fixture(scope="module")
+def roomy_server() -> Iterator[str]:
+    """Room for the whole storm in the queue: its requests are accepted, then abandoned."""
+    with serve(queue_size="128") as (url, _):
+        yield url
+
+
+def test_a_cancel_storm_leaves_the_counters_consistent_and_the_engine_alive(roomy_server):
+    server = roomy_server
     before = settle(server)
     rng = random.Random(1)
 
@@ -164,7 +189,38 @@ def test_a_cancel_storm_leaves_the_counters_consistent_and_the_engine_alive(serv
     assert cancelled <= outcomes["499"]
     assert generated + cancelled == outcomes["200"] + outcomes["499"], (generated, cancelled)
     assert delta("marche_rejections_total") == outcomes["503"]
+    log.info("cancel storm: %s; %d jobs cancelled, %d generated", outcomes, cancelled, generated)
     started = time.monotonic()
     r = httpx.post(server + "/generate", json=body(7), timeout=60)
     assert r.status_code == 200 and time.monotonic() - started < 20
     assert httpx.get(server + "/readyz", timeout=5).status_code == 200
+
+
+SOAK_ROUNDS = max(3, int(os.environ.get("MARCHE_SOAK_ROUNDS", "3")))
+SOAK_BOUND_MB = 300  # idle RSS after load <= ready RSS + this (measured: +160 MB, flat)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_soak_idle_memory_stays_within_its_bound():
+    with serve() as (url, proc):
+        ready = rss_mb(proc.pid)
+        idle = []
+
+        def batch(i: int) -> int:  # a full batch: 16 images
+            job = {"class_id": i % 10, "seed": i, "steps": 16, "num_images": 16}
+            return httpx.post(url + "/generate", json=job, timeout=300).status_code
+
+        def stream(i: int) -> int:
+            with httpx.stream("POST", url + "/generate/stream", json=body(i), timeout=300) as r:
+                return sum(1 for _ in r.iter_lines()) and r.status_code
+
+        for round_ in range(SOAK_ROUNDS):
+            with ThreadPoolExecutor(16) as pool:
+                codes = list(pool.map(batch, range(round_ * 4, round_ * 4 + 4)))
+                codes += list(pool.map(stream, range(32)))
+            assert set(codes) == {200}
+            settle(url)
+            idle.append(rss_mb(proc.pid))
+    log.info("soak: ready %.0f MB, idle after each round %s MB", ready, [round(x) for x in idle])
+    assert max(idle) <= ready + SOAK_BOUND_MB, (ready, idle)
+    assert idle[-1] <= idle[1] + 48, idle  # after two rounds of warm-up, no growth
