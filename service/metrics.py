@@ -42,7 +42,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_step_latency_seconds", "histogram",
                "Wall time of one decoding step of a batch (transformer + diffusion head).",
                ("model", "mode"), STEP_BUCKETS),
-    MetricSpec("marche_batch_size", "histogram", "Images per engine batch.",
+    MetricSpec("marche_batch_size", "histogram",
+               "Images of a mode decoded together: a static batch, or the mode's rows in a "
+               "continuous-batching step.",
                ("model", "mode"), BATCH_BUCKETS),
     MetricSpec("marche_active_token_fraction", "histogram",
                "MARché: active tokens / all tokens per decoding step (1.0 on full steps).",
@@ -147,6 +149,9 @@ class Metrics:
 
     def occupancy(self, rows: int) -> None:
         self._labels("marche_step_rows").observe(rows)
+
+    def batch_size(self, mode: str, num_images: int) -> None:
+        self._labels("marche_batch_size", mode=mode).observe(num_images)
 
     def step(self, mode: str, seconds: float) -> None:
         self._labels("marche_step_latency_seconds", mode=mode).observe(seconds)

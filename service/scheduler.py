@@ -213,6 +213,7 @@ class ContinuousScheduler:
             by_mode.setdefault(job.mode, []).extend(self.rows.active_fraction(r) for r in rows)
         for mode, fractions in by_mode.items():
             metrics.step(mode, seconds)
+            metrics.batch_size(mode, len(fractions))
             metrics.active_fractions(mode, [sum(fractions) / len(fractions)])
 
     def _finish(self, job: Job, rows: list[Any], batch_size: int) -> None:
