@@ -72,7 +72,6 @@ class EngineWorker:
         self.min_retry_after_s = retry_after_s
         self._completed: deque[tuple[float, int]] = deque()  # (time, images) of recent jobs
         self._running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
-        self.scheduler_name = scheduler
         self._scheduler: StaticScheduler | ContinuousScheduler
         if scheduler == "static":
             self._scheduler = StaticScheduler(self)

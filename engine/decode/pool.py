@@ -92,10 +92,6 @@ class SlotPool:
         """Every cache buffer allocated so far, by name ("enc0.k", "dec3.v", "diff", ...)."""
         return dict(self._buffers)
 
-    @property
-    def nbytes(self) -> int:
-        return self.tokens.nbytes + sum(b.nbytes for b in self._buffers.values())
-
 
 def _autocast_dtype(x: Tensor) -> torch.dtype:
     device = x.device.type

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import pytest
 
 from loadtest import slo
 from loadtest.slo import Thresholds, evaluate
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_LOCUST = importlib.util.find_spec("locust") is not None
@@ -232,12 +232,6 @@ def test_slo_gate_fails_a_run_against_a_dead_server(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # smoke: Locust against the real service
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

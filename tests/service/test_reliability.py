@@ -13,52 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
+from tests.servers import serve
 from tests.service.test_api import metric_value
 
 STEPS = 16
 log = logging.getLogger("marche.reliability")  # numbers: pytest --log-cli-level=INFO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`marche serve` on a free loopback port with MARCHE_* settings, until ready."""
-    port = free_port()
-    env = os.environ | {"MARCHE_DEVICE": "cpu"}
-    env |= {f"MARCHE_{k.upper()}": v for k, v in settings.items()}
-    cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
-           "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")

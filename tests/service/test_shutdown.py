@@ -3,45 +3,17 @@ process exits within the grace period (it used to finish every queued request fi
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import serve
 
 
 def test_sigterm_drains_the_queue_at_once_and_exits_within_the_grace_period():
-    port = free_port()
-    env = os.environ | {"MARCHE_DEVICE": "cpu", "MARCHE_MAX_BATCH_SIZE": "1",
-                        "MARCHE_SHUTDOWN_GRACE_S": "20"}  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-c",
-        "from marche.cli import main; main()",
-        "serve",
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with serve(max_batch_size="1", shutdown_grace_s="20") as (url, proc):
         body = {"class_id": 1, "steps": 48}
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(httpx.post, url + "/generate", json=body, timeout=60)
@@ -59,6 +31,3 @@ def test_sigterm_drains_the_queue_at_once_and_exits_within_the_grace_period():
             assert running.result().status_code == 200  # it had its grace period
         proc.wait(30)
         assert time.monotonic() - signalled < 25
-    finally:
-        if proc.poll() is None:
-            proc.kill()
