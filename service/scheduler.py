@@ -147,7 +147,7 @@ class ContinuousScheduler:
                 self._admit(running, now)
                 w._publish_state()
                 if not running:
-                    w._cond.wait()
+                    w._wait_for_work()
                     continue
             # 2. execute: one step for every running row
             batch = [row for rows in running.values() for row in rows]
@@ -256,7 +256,7 @@ class StaticScheduler:
                     return None
                 w._expire_waiting()
                 if not w._waiting:
-                    w._cond.wait()
+                    w._wait_for_work()
                     continue
                 batch = self._compatible(w._waiting[0])
                 size = sum(len(j.seeds) for j in batch)

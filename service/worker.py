@@ -33,6 +33,7 @@ import numpy as np
 from engine.decode.marche import MarcheConfig
 from engine.pipeline import Pipeline
 from service.jobs import EngineError, Job, JobCancelled, JobResult, QueueFull
+from service.memory import trim_heap
 from service.metrics import Metrics
 from service.scheduler import ContinuousScheduler, PipelineRows, RowEngine, StaticScheduler
 from service.schemas import MAX_IMAGES
@@ -58,6 +59,7 @@ class EngineWorker:
         scheduler: str = "continuous",
         rows: RowEngine | None = None,
         retry_after_s: int = 1,
+        idle_trim_s: float = 1.0,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
@@ -80,6 +82,8 @@ class EngineWorker:
             rows = rows or PipelineRows(pipeline, capacity, self.marche)
             self._scheduler = ContinuousScheduler(self, rows)
         self._cond = threading.Condition()
+        self.idle_trim_s = idle_trim_s  # idle this long after work: give freed heap back
+        self._worked = False  # work arrived since the heap was last trimmed
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -125,6 +129,7 @@ class EngineWorker:
                 retry = self.retry_after_s()
                 raise QueueFull(f"queue full ({self.queue_size} requests waiting)", retry)
             self._waiting.append(job)
+            self._worked = True
             self._publish_state()
             self._cond.notify_all()
         return job.future
@@ -181,6 +186,19 @@ class EngineWorker:
         with self._cond:  # shutting down: nothing accepted is silently lost
             while self._waiting:
                 self._waiting.popleft().fail(QueueFull("the engine is shutting down"))
+
+    def _wait_for_work(self) -> None:
+        """Block (holding `_cond`) until something may have changed. Once the engine has
+        been idle `idle_trim_s` after work, return the heap that work freed to the OS."""
+        if not self._worked:
+            self._cond.wait()
+        elif not self._cond.wait(timeout=self.idle_trim_s):
+            self._worked = False
+            self._cond.release()  # trimming takes milliseconds: don't hold up submit()
+            try:
+                trim_heap()
+            finally:
+                self._cond.acquire()
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()

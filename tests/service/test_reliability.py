@@ -164,7 +164,11 @@ def test_a_cancel_storm_leaves_the_counters_consistent_and_the_engine_alive(room
 
 
 SOAK_ROUNDS = max(3, int(os.environ.get("MARCHE_SOAK_ROUNDS", "3")))
-SOAK_BOUND_MB = 300  # idle RSS after load <= ready RSS + this (measured: +160 MB, flat)
+# idle RSS after load <= ready RSS + this. Measured on a 2-core VM, 5 rounds: +17..+21 MB
+# with the worker's idle heap trim (service/memory.py), +79..+101 MB without it; on CI's
+# runner without it idle RSS rose 525 -> 626 MB in the third round (fragmented malloc
+# arenas, not live objects: the trim gives it back)
+SOAK_BOUND_MB = 150
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
@@ -187,6 +191,7 @@ def test_soak_idle_memory_stays_within_its_bound():
                 codes += list(pool.map(stream, range(32)))
             assert set(codes) == {200}
             settle(url)
+            time.sleep(3)  # the worker gives freed heap back 1 s after going idle
             idle.append(rss_mb(proc.pid))
     log.info("soak: ready %.0f MB, idle after each round %s MB", ready, [round(x) for x in idle])
     assert max(idle) <= ready + SOAK_BOUND_MB, (ready, idle)

@@ -3,6 +3,7 @@ mid-run, deadlines, a failing step failing only its rows, occupancy metrics."""
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from dataclasses import dataclass
@@ -192,3 +193,31 @@ def test_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fa
     with pytest.raises(EngineError, match="exceed"):
         too_big.future.result(5)
     assert after.future.result(5).images.shape[0] == 1
+
+
+def test_an_idle_engine_trims_the_heap_once_after_work(monkeypatch):
+    trims: list[float] = []
+    monkeypatch.setattr("service.worker.trim_heap", lambda: trims.append(time.monotonic()))
+    worker = EngineWorker(None, rows=FakeRows(), max_batch_size=4, idle_trim_s=0.05)
+    worker.start(warmup=False)
+    try:
+        time.sleep(0.2)
+        assert trims == []  # nothing was done yet: nothing to give back
+        first = job(1, [0], steps=2)
+        worker.submit(first)
+        first.future.result(5)
+        done = time.monotonic()
+        time.sleep(0.3)
+        assert len(trims) == 1 and trims[0] >= done  # after the work, once, while idle
+        worker.submit(second := job(2, [0], steps=2))
+        second.future.result(5)
+        time.sleep(0.3)
+        assert len(trims) == 2
+    finally:
+        worker.stop(5)
+
+
+def test_trim_heap_runs_here():
+    from service.memory import trim_heap
+
+    assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # glibc has malloc_trim
