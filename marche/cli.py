@@ -296,6 +296,10 @@ def ablations(
             "--set", help="marche: the paper's ablations; turbo: each turbo knob and the presets"
         ),
     ] = "marche",
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="run only the variants whose name contains this (repeatable)"),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows here")] = None,
 ) -> None:
     """Exact MAR vs each decoding variant on the digits model, same seeds, PSNR vs MAR."""
@@ -310,6 +314,10 @@ def ablations(
         variants = variants_of(variant_set, base)
     except ValueError as exc:
         raise fail(str(exc)) from None
+    if only:
+        variants = {n: c for n, c in variants.items() if any(o in n for o in only)}
+        if not variants:
+            raise fail(f"--only {only} matches no variant of the {variant_set!r} set")
     pipe = Pipeline.load("digits", device="cpu")
     params = pipe.spec.defaults if steps is None else replace(pipe.spec.defaults, num_iter=steps)
     with step_progress(num) as progress:

@@ -39,7 +39,7 @@ PRESETS: dict[str, DecodeConfig] = {
     "turbo": DecodeConfig(
         marche=MarcheConfig(),
         cond_cache=CondCacheConfig(refresh_period=9),  # LazyMAR's K; rarer than MARché's R 3
-        head=HeadConfig(schedule="linear", upper=50, lower=5, cache_period=3),
+        head=HeadConfig(schedule="linear", upper=50, lower=10, cache_period=3),  # DiSA: 50 -> 5
     ),
 }
 MODES = tuple(PRESETS)

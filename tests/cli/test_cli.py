@@ -227,3 +227,16 @@ def test_ablations_turbo_set(tmp_path):
     assert "condition cache alone" in names and "head cache alone" in names
     turbo = rows[names.index("turbo (preset)")]
     assert turbo["decoding"]["cond_cache"] is not None and turbo["psnr_vs_mar_db"] < 100
+
+
+def test_ablations_only_runs_the_named_variants(tmp_path):
+    path = tmp_path / "ablations.json"
+    args = ["ablations", "--set", "turbo", "--only", "turbo", "--num", "10", "--steps", "2"]
+    result = runner.invoke(app, [*args, "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads(path.read_text())["rows"]] == [
+        "MAR (exact)",
+        "turbo (preset)",
+    ]
+    result = runner.invoke(app, ["ablations", "--set", "turbo", "--only", "nothing"])
+    assert result.exit_code == 2 and "matches no variant" in result.output
