@@ -30,6 +30,9 @@ def serve(
     config: Annotated[
         Path, typer.Option(help="Ray Serve config file (with --ray)")
     ] = DEFAULT_SERVE_CONFIG,
+    metrics_port: Annotated[
+        int, typer.Option(help="with --ray: port of Ray's metrics exporter (ray_marche_*)")
+    ] = 8080,
 ) -> None:
     """Serve POST /generate; options override the MARCHE_* environment variables."""
     overrides = {
@@ -48,9 +51,9 @@ def serve(
         if value is not None:
             os.environ[f"MARCHE_{name.upper()}"] = str(value)
     if ray:
-        from service.ray_app import run_from_config
+        from service.ray_app import run
 
-        run_from_config(config, host=host, port=port)
+        run(config, host=host, port=port, metrics_port=metrics_port)
         return
     import uvicorn
 

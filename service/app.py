@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import math
 import secrets
 import time
@@ -39,6 +40,7 @@ from service.settings import ServiceSettings
 from service.worker import EngineError, JobCancelled, JobResult, QueueFull
 
 TIMEOUT_HEADER = "x-request-timeout-seconds"
+log = logging.getLogger("marche.app")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
 
 
@@ -207,8 +209,11 @@ def build_app(
         elif isinstance(exc, JobCancelled):
             status = 504 if exc.reason == "deadline" else CLIENT_CLOSED
             response = error(status, f"deadline of {req.timeout_s:g} s passed", req.request_id)
-        else:
+        else:  # a failed step, a dead replica, or a bug: JSON all the same, and counted
             status = 500
+            if not isinstance(exc, EngineError):
+                log.error("request %s failed", req.request_id, exc_info=exc)
+                exc = EngineError(f"internal error ({type(exc).__name__})")
             response = error(500, str(exc), req.request_id)
         metrics.request_finished(req.mode, status)
         return response
@@ -229,7 +234,7 @@ def build_app(
                     metrics.request_finished(req.mode, CLIENT_CLOSED)
                     return Response(status_code=CLIENT_CLOSED)
             result: JobResult = task.result()
-        except (QueueFull, JobCancelled, EngineError) as exc:
+        except Exception as exc:  # noqa: BLE001 - QueueFull, JobCancelled, EngineError, ...
             return engine_error(exc, req)
         finally:
             task.cancel()
@@ -278,7 +283,7 @@ def build_app(
         stream = app.state.client.stream(req)
         try:  # admission first, so a full queue is a plain 503 rather than an event
             await anext(stream)
-        except (QueueFull, JobCancelled, EngineError) as exc:
+        except Exception as exc:  # noqa: BLE001 - as in /generate
             return engine_error(exc, req)
 
         async def events() -> AsyncIterator[str]:
@@ -295,9 +300,10 @@ def build_app(
                     if (preview := event.pop("preview", None)) is not None:
                         event["preview_png_b64"] = _b64(encode_image(preview, "png"))
                     yield _sse("progress", event)
-            except (QueueFull, JobCancelled, EngineError) as exc:
-                status = engine_error(exc, req).status_code
-                yield _sse("error", {"status": status, "detail": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - the stream ends with an error event
+                response = engine_error(exc, req)
+                yield _sse("error", {"status": response.status_code,
+                                     "detail": json.loads(response.body)["detail"]})  # fmt: skip
                 return
             except asyncio.CancelledError:  # the client went away mid-stream
                 metrics.request_finished(req.mode, CLIENT_CLOSED)

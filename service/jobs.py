@@ -32,6 +32,9 @@ class JobCancelled(Exception):
         super().__init__(f"request cancelled: {reason}")
         self.reason = reason
 
+    def __reduce__(self):  # keeps reason across processes (Ray)
+        return (JobCancelled, (self.reason,))
+
 
 class EngineError(Exception):
     """The batch this job ran in failed."""

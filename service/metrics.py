@@ -30,6 +30,7 @@ class MetricSpec:
     doc: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] = ()
+    exact_sum: bool = False  # histogram: also count `<name>_observed_sum_total` (see below)
 
 
 SPECS: tuple[MetricSpec, ...] = (
@@ -45,10 +46,10 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_batch_size", "histogram",
                "Images of a mode decoded together: a static batch, or the mode's rows in a "
                "continuous-batching step.",
-               ("model", "mode"), BATCH_BUCKETS),
+               ("model", "mode"), BATCH_BUCKETS, exact_sum=True),
     MetricSpec("marche_active_token_fraction", "histogram",
                "MARché: active tokens / all tokens per decoding step (1.0 on full steps).",
-               ("model", "mode"), FRACTION_BUCKETS),
+               ("model", "mode"), FRACTION_BUCKETS, exact_sum=True),
     MetricSpec("marche_requests_total", "counter", "Finished /generate requests by status.",
                ("model", "mode", "status")),
     MetricSpec("marche_images_generated_total", "counter", "Images generated and returned.",
@@ -60,13 +61,23 @@ SPECS: tuple[MetricSpec, ...] = (
                ("model", "mode", "reason")),
     MetricSpec("marche_step_rows", "histogram",
                "Occupancy: images (rows) in the running batch at each decoding step.",
-               ("model",), BATCH_BUCKETS),
+               ("model",), BATCH_BUCKETS, exact_sum=True),
     MetricSpec("marche_admissions_total", "counter",
                "Requests admitted to the running batch; mid_flight=true: joined a batch that "
                "was already decoding (continuous batching).", ("model", "mode", "mid_flight")),
     MetricSpec("marche_requests_running", "gauge", "Requests in the batch being decoded.",
                ("model",)),
     MetricSpec("marche_requests_waiting", "gauge", "Requests accepted and queued.", ("model",)),
+)  # fmt: skip
+# Mean panels need a histogram's exact `_sum`; Ray 2.60's exporter rebuilds `_sum` from bucket
+# midpoints (a mean batch size of 0.71 was read), so those histograms also count their sum in
+# a counter, exact under both exporters: mean = rate(<name>_observed_sum_total) / rate(_count).
+EXACT_SUMS: dict[str, str] = {s.name: f"{s.name}_observed_sum_total" for s in SPECS if s.exact_sum}
+SPECS += tuple(
+    MetricSpec(EXACT_SUMS[s.name], "counter",
+               f"Sum of the {s.name} observations (exact; mean = its rate / rate of _count).",
+               s.labels)
+    for s in SPECS if s.exact_sum
 )  # fmt: skip
 METRIC_NAMES: tuple[str, ...] = tuple(s.name for s in SPECS)
 
@@ -126,6 +137,11 @@ class Metrics:
     def _labels(self, name: str, **tags: str) -> Any:
         return self._m[name].labels(model=self.model, **tags)
 
+    def _observe(self, name: str, value: float, **tags: str) -> None:
+        self._labels(name, **tags).observe(value)
+        if name in EXACT_SUMS:
+            self._labels(EXACT_SUMS[name], **tags).inc(value)
+
     def request_finished(self, mode: str, status: int, latency_s: float | None = None) -> None:
         self._labels("marche_requests_total", mode=mode, status=str(status)).inc()
         if latency_s is not None:
@@ -138,7 +154,7 @@ class Metrics:
         self._labels("marche_cancellations_total", mode=mode, reason=reason).inc()
 
     def batch_started(self, mode: str, num_images: int, queue_waits: Iterable[float]) -> None:
-        self._labels("marche_batch_size", mode=mode).observe(num_images)
+        self._observe("marche_batch_size", num_images, mode=mode)
         for wait in queue_waits:
             self._labels("marche_queue_wait_seconds", mode=mode).observe(wait)
 
@@ -148,17 +164,17 @@ class Metrics:
         self._labels("marche_queue_wait_seconds", mode=mode).observe(queue_wait)
 
     def occupancy(self, rows: int) -> None:
-        self._labels("marche_step_rows").observe(rows)
+        self._observe("marche_step_rows", rows)
 
     def batch_size(self, mode: str, num_images: int) -> None:
-        self._labels("marche_batch_size", mode=mode).observe(num_images)
+        self._observe("marche_batch_size", num_images, mode=mode)
 
     def step(self, mode: str, seconds: float) -> None:
         self._labels("marche_step_latency_seconds", mode=mode).observe(seconds)
 
     def active_fractions(self, mode: str, fractions: Iterable[float]) -> None:
         for fraction in fractions:
-            self._labels("marche_active_token_fraction", mode=mode).observe(fraction)
+            self._observe("marche_active_token_fraction", fraction, mode=mode)
 
     def images(self, mode: str, count: int) -> None:
         self._labels("marche_images_generated_total", mode=mode).inc(count)

@@ -1,36 +1,49 @@
 """Ray Serve runtime: an HTTP ingress deployment and a GPU engine deployment (the only Ray import).
 
-    serve run deploy/serve_config.yaml        # or: marche serve --ray
+    marche serve --ray                        # this module's `run`: a local Ray it owns
+    serve run deploy/serve_config.yaml        # or Serve's CLI, in a cluster started elsewhere
 
 `Ingress` (CPU) runs the same FastAPI app as uvicorn, built by `build_app` with a client that
 calls `MarcheEngine` through a deployment handle. `MarcheEngine` (one per GPU) owns the model
-and an `EngineWorker` with its own batcher rather than `@serve.batch`: the worker batches by
-compatibility (steps, mode), retires cancelled rows *between decoding steps* (a `@serve.batch`
-batch cannot shed members once running) and reports per-step progress for streaming. Its batch
-knobs change at runtime through `user_config` (`max_batch_size`, `max_wait_ms`).
+and an `EngineWorker` with its own scheduler rather than `@serve.batch`: rows join and leave the
+running batch between decoding steps (a `@serve.batch` batch cannot shed members once running)
+and streaming gets per-step progress. Its batch knobs change at runtime through `user_config`.
+
+Expected refusals (queue full, deadline, a failed step) cross the handle as a `Failure` value,
+not an exception: Ray would log each as an ERROR traceback and count it as a deployment error.
+A replica that dies mid-request surfaces as a Ray error, which the ingress answers as a JSON 500
+(a stream: an `error` event), counted like any other.
+
 Metrics use `ray.serve.metrics`, exported by Ray's per-node exporter as `ray_marche_*`.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
+import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve import metrics as ray_metrics
 from ray.serve.handle import DeploymentHandle
 
+from engine.decode.policy import MODES
 from service.app import build_app
 from service.engine_client import EngineRequest, LocalEngineClient
+from service.jobs import EngineError, JobCancelled, QueueFull
 from service.metrics import Metrics, MetricSpec
 from service.settings import ServiceSettings
 from service.worker import JobResult
+
+log = logging.getLogger("marche.ray")
+EXPECTED = (QueueFull, JobCancelled, EngineError)  # outcomes the app answers (503/504/499/500)
 
 
 class _Tagged:
@@ -41,7 +54,8 @@ class _Tagged:
         self.metric.observe(value, tags=self.tags)
 
     def inc(self, value: float = 1.0) -> None:
-        if value == 0:  # Ray's Counter refuses 0: series are not pre-created under Ray yet
+        if value == 0:  # create the series at 0: Counter.inc refuses 0, its recorder does
+            self.metric._record(0, tags=self.tags)  # not (checked against Ray's exporter)
             return
         self.metric.inc(value, tags=self.tags)
 
@@ -71,6 +85,13 @@ class RayBackend:
         return _RayMetric(spec)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An expected refusal, returned (not raised) across the deployment handle."""
+
+    error: Exception
+
+
 @serve.deployment(
     name="MarcheEngine",
     ray_actor_options={"num_gpus": 1},
@@ -80,11 +101,11 @@ class RayBackend:
     graceful_shutdown_timeout_s=120,
 )
 class MarcheEngine:
-    """The model and its batching worker; settings from MARCHE_* (runtime_env env_vars)."""
+    """The model and its batching worker; settings from MARCHE_* (the cluster's environment)."""
 
     def __init__(self) -> None:
         settings = ServiceSettings()
-        self.client = LocalEngineClient(settings, Metrics(RayBackend(), settings.model))
+        self.client = LocalEngineClient(settings, Metrics(RayBackend(), settings.model, MODES))
         self.client.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -103,12 +124,22 @@ class MarcheEngine:
     async def readiness(self) -> tuple[bool, str]:
         return await self.client.readiness()
 
-    async def generate(self, request: EngineRequest) -> JobResult:
-        return await self.client.generate(request)
+    async def generate(self, request: EngineRequest) -> JobResult | Failure:
+        try:
+            return await self.client.generate(request)
+        except EXPECTED as exc:
+            return Failure(exc)
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.client.stream(request):
-            yield event
+    async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any] | Failure]:
+        try:
+            async for event in self.client.stream(request):
+                yield event
+        except EXPECTED as exc:
+            yield Failure(exc)
+
+
+def _replica_failed(exc: RayError) -> EngineError:
+    return EngineError(f"the engine replica failed ({type(exc).__name__}); retry the request")
 
 
 class RayEngineClient:
@@ -121,15 +152,28 @@ class RayEngineClient:
         return await self.handle.info.remote()
 
     async def readiness(self) -> tuple[bool, str]:
-        return await self.handle.readiness.remote()
+        try:
+            return await self.handle.readiness.remote()
+        except RayError as exc:
+            return False, str(_replica_failed(exc))
 
     async def generate(self, request: EngineRequest) -> JobResult:
-        # Ray re-raises the engine's QueueFull/JobCancelled/EngineError as their own types
-        return await self.handle.generate.remote(request)
+        try:
+            result = await self.handle.generate.remote(request)
+        except RayError as exc:  # the replica died (or raised something unexpected)
+            raise _replica_failed(exc) from exc
+        if isinstance(result, Failure):
+            raise result.error
+        return result
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.handle.options(stream=True).stream.remote(request):
-            yield event
+        try:
+            async for event in self.handle.options(stream=True).stream.remote(request):
+                if isinstance(event, Failure):
+                    raise event.error
+                yield event
+        except RayError as exc:
+            raise _replica_failed(exc) from exc
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512)
@@ -140,27 +184,62 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         settings = ServiceSettings()
-        metrics = Metrics(RayBackend(), settings.model)
+        metrics = Metrics(RayBackend(), settings.model, MODES)
         return build_app(settings, RayEngineClient(self.engine), metrics)
 
 
-app = Ingress.bind(MarcheEngine.bind())
+def application(options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """Ingress -> MarcheEngine, each with its deployment options (a Serve config's)."""
+    options = options or {}
+    engine = MarcheEngine.options(**options.get("MarcheEngine", {})).bind()
+    return Ingress.options(**options.get("Ingress", {})).bind(engine)
 
 
-def run_from_config(config: Path, host: str, port: int, num_gpus: float | None = None) -> None:
-    """`serve run` a copy of `config` with our host/port; without CUDA, the engine on CPU."""
+app = application()
+
+
+def run(
+    config: Path, host: str, port: int, metrics_port: int = 8080, num_gpus: float | None = None
+) -> None:
+    """`marche serve --ray`: start a local Ray cluster owned by this process (its metrics
+    exporter on `metrics_port`), deploy `config`'s application on `host`:`port`, and serve
+    until SIGTERM or SIGINT; then shut Serve down (replicas drain, up to their
+    graceful_shutdown_timeout_s) and stop the cluster. Without CUDA the engine asks for no GPU
+    (CPU fallback: a GPU request would never be scheduled). Nothing is written to disk."""
     import torch
 
     spec = yaml.safe_load(Path(config).read_text())
-    spec.setdefault("http_options", {}).update(host=host, port=port)
+    (application_spec,) = spec["applications"]  # one application: ours
+    if application_spec.get("import_path", "service.ray_app:app") != "service.ray_app:app":
+        raise SystemExit(f"{config}: marche serve --ray runs service.ray_app:app only")
+    options = {
+        d["name"]: {k: v for k, v in d.items() if k != "name"}
+        for d in application_spec.get("deployments", [])
+    }
     if num_gpus is None and not torch.cuda.is_available():
-        num_gpus = 0  # CPU fallback: a GPU request would never be scheduled here
+        num_gpus = 0
     if num_gpus is not None:
-        for application in spec["applications"]:
-            for deployment in application.get("deployments", []):
-                if deployment["name"] == "MarcheEngine":
-                    deployment.setdefault("ray_actor_options", {})["num_gpus"] = num_gpus
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(spec, f)
-    serve_cli = Path(sys.executable).with_name("serve")
-    raise SystemExit(subprocess.call([str(serve_cli), "run", f.name], env=os.environ.copy()))
+        engine = options.setdefault("MarcheEngine", {})
+        engine["ray_actor_options"] = {**engine.get("ray_actor_options", {}), "num_gpus": num_gpus}
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(namespace="serve", _metrics_export_port=metrics_port)
+    try:
+        serve.start(
+            proxy_location=spec.get("proxy_location"),
+            http_options={**spec.get("http_options", {}), "host": host, "port": port},
+        )
+        serve.run(
+            application(options),
+            name=application_spec.get("name", "marche"),
+            route_prefix=application_spec.get("route_prefix", "/"),
+            blocking=False,
+        )
+        log.warning("serving on http://%s:%d, Ray metrics on :%d", host, port, metrics_port)
+        stop.wait()
+        log.warning("shutting down: Serve drains its replicas, then Ray stops")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
