@@ -222,10 +222,10 @@ def run(
         engine = options.setdefault("MarcheEngine", {})
         engine["ray_actor_options"] = {**engine.get("ray_actor_options", {}), "num_gpus": num_gpus}
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(namespace="serve", _metrics_export_port=metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(
             proxy_location=spec.get("proxy_location"),
