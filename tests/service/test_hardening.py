@@ -154,3 +154,44 @@ def test_docs_load_their_assets_from_the_server_not_a_cdn(client):
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
         assert f"/static-offline-docs/{asset}" in page.text
         assert client.get(f"/static-offline-docs/{asset}").status_code == 200
+
+
+class DyingEngine:
+    """An engine client whose calls fail the way a dead replica or a bug does: not with one
+    of the service's own exceptions."""
+
+    async def info(self):
+        defaults = {"steps": 8, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
+        return {"model": "digits", "num_classes": 10, "defaults": defaults}
+
+    async def readiness(self):
+        return True, "ok"
+
+    async def generate(self, request):
+        raise ConnectionResetError("replica gone")
+
+    async def stream(self, request):
+        yield {"accepted": True}
+        yield {"step": 1, "total": 8, "tokens_done": 2, "seq_len": 64}
+        raise ConnectionResetError("replica gone")
+
+
+def test_an_unexpected_engine_failure_is_a_counted_json_500_or_an_error_event(caplog):
+    from fastapi.testclient import TestClient
+
+    from service.app import build_app
+    from service.settings import ServiceSettings
+
+    backend = PrometheusBackend()
+    app = build_app(ServiceSettings(), DyingEngine(), Metrics(backend, "digits", ["marche"]))
+    with TestClient(app) as client, caplog.at_level(logging.ERROR, "marche.app"):
+        r = client.post("/generate", json={"class_id": 1, "steps": 8})
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json()["detail"] == "internal error (ConnectionResetError)"
+        r = client.post("/generate/stream", json={"class_id": 1, "steps": 8})
+        events = [line for line in r.text.splitlines() if line.startswith("event: ")]
+        assert events == ["event: progress", "event: error"]
+        assert '"status": 500' in r.text.splitlines()[-2]
+    assert sum("replica gone" in str(rec.exc_info) for rec in caplog.records) == 2  # logged
+    text = backend.render().decode()
+    assert metric_value(text, "marche_requests_total", mode="marche", status="500") == 2
