@@ -166,10 +166,12 @@ def test_ray_serve_end_to_end(tmp_path):
                             results["streaming"] = True
             results["stream"] = events
 
-        threads = [threading.Thread(target=post), threading.Thread(target=stream)]
-        for t in threads:
-            t.start()
+        # one at a time: with a queue of 1, two requests arriving together could meet a 503
+        threads = [threading.Thread(target=stream), threading.Thread(target=post)]
+        threads[0].start()
         wait_for(lambda: "streaming" in results, 60, "the stream started")
+        threads[1].start()
+        time.sleep(0.5)  # admitted at the next step boundary; 64 steps take seconds
         os.kill(replica_pid("MarcheEngine"), signal.SIGKILL)
         killed = time.monotonic()
         for t in threads:

@@ -114,8 +114,9 @@ def test_nan_cfg_and_bad_timeout_header_are_422(client):
 
 def test_same_seed_same_image_alone_or_in_a_batch():
     body = {"class_id": 4, "seed": 123, "cfg": 2.0, **FAST}
-    others = [{"class_id": c, "seed": c, "cfg": 3.0 + c, **FAST} for c in (0, 7, 9)]
-    # a batch starts when it holds 4 images (or after 2 s): the 4 requests below share one
+    # longer requests: still decoding when `body` arrives, whatever the threads' timing
+    # (continuous batching admits it mid-flight; a static batch waits up to 2 s for 4 images)
+    others = [{"class_id": c, "seed": c, "cfg": 3.0 + c, "steps": 48} for c in (0, 7, 9)]
     with make_client(max_batch_size=4, max_wait_ms=2000.0) as client:
         wait_ready(client)
         alone = client.post("/generate", json=body).content
