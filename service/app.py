@@ -40,8 +40,8 @@ from service.settings import ServiceSettings
 from service.worker import EngineError, JobCancelled, JobResult, QueueFull
 
 TIMEOUT_HEADER = "x-request-timeout-seconds"
-log = logging.getLogger("marche.app")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
+log = logging.getLogger("marche.app")
 
 
 def _invalid(field: str, message: str, value: Any, where: str = "body") -> RequestValidationError:
@@ -200,23 +200,27 @@ def build_app(
             {"detail": message}, status, headers={"X-Request-ID": request_id, **headers}
         )
 
-    def engine_error(exc: Exception, req: EngineRequest) -> JSONResponse:
-        """The HTTP answer for an engine-side failure (and its request metric)."""
+    def failure(exc: Exception, req: EngineRequest) -> tuple[int, str, dict[str, str]]:
+        """Status, message and headers for an engine-side failure; its request metric."""
+        headers: dict[str, str] = {}
         if isinstance(exc, QueueFull):
-            status = 503
+            status, message = 503, str(exc)
             retry = max(settings.retry_after_s, int(getattr(exc, "retry_after", 1)))
-            response = error(503, str(exc), req.request_id, **{"Retry-After": str(retry)})
+            headers["Retry-After"] = str(retry)
         elif isinstance(exc, JobCancelled):
             status = 504 if exc.reason == "deadline" else CLIENT_CLOSED
-            response = error(status, f"deadline of {req.timeout_s:g} s passed", req.request_id)
+            message = f"deadline of {req.timeout_s:g} s passed"
         else:  # a failed step, a dead replica, or a bug: JSON all the same, and counted
-            status = 500
+            status, message = 500, str(exc)
             if not isinstance(exc, EngineError):
                 log.error("request %s failed", req.request_id, exc_info=exc)
-                exc = EngineError(f"internal error ({type(exc).__name__})")
-            response = error(500, str(exc), req.request_id)
+                message = f"internal error ({type(exc).__name__})"
         metrics.request_finished(req.mode, status)
-        return response
+        return status, message, headers
+
+    def engine_error(exc: Exception, req: EngineRequest) -> JSONResponse:
+        status, message, headers = failure(exc, req)
+        return error(status, message, req.request_id, **headers)
 
     @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
         "image/png": {}, "image/jpeg": {}, "image/webp": {}}},
@@ -301,9 +305,8 @@ def build_app(
                         event["preview_png_b64"] = _b64(encode_image(preview, "png"))
                     yield _sse("progress", event)
             except Exception as exc:  # noqa: BLE001 - the stream ends with an error event
-                response = engine_error(exc, req)
-                yield _sse("error", {"status": response.status_code,
-                                     "detail": json.loads(response.body)["detail"]})  # fmt: skip
+                status, message, _ = failure(exc, req)
+                yield _sse("error", {"status": status, "detail": message})
                 return
             except asyncio.CancelledError:  # the client went away mid-stream
                 metrics.request_finished(req.mode, CLIENT_CLOSED)

@@ -154,7 +154,7 @@ class Metrics:
         self._labels("marche_cancellations_total", mode=mode, reason=reason).inc()
 
     def batch_started(self, mode: str, num_images: int, queue_waits: Iterable[float]) -> None:
-        self._observe("marche_batch_size", num_images, mode=mode)
+        self.batch_size(mode, num_images)
         for wait in queue_waits:
             self._labels("marche_queue_wait_seconds", mode=mode).observe(wait)
 
