@@ -54,8 +54,9 @@ quality: install
 ablations: install  ## MAR vs MARché vs the paper's ablations on digits (~15 min on 2 cores)
 	$(BIN)/marche ablations --num 200 --json out/ablations.json
 
-ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (~45 min on 2 cores)
-	$(BIN)/marche ablations --set turbo --num 500 --json out/ablations_turbo.json
+ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (~2.5 h on 2 cores; ONLY="head cache" for one row, MAR is kept and reused)
+	$(BIN)/marche ablations --set turbo --num 500 $(if $(ONLY),--only "$(ONLY)") \
+		--reference out/mar_reference_500.safetensors --json out/ablations_turbo.json
 
 flops: install  ## FLOPs per image per phase, MAR-B/L/H, every mode (meta device, no GPU needed)
 	$(BIN)/marche bench --flops --model mar_base,mar_large,mar_huge --json out/flops.json

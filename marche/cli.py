@@ -300,12 +300,19 @@ def ablations(
         list[str] | None,
         typer.Option(help="run only the variants whose name contains this (repeatable)"),
     ] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the rows here")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="keep MAR's images and row here, and reuse them on a later run"),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="write the rows here (merged with its rows of the same run)"),
+    ] = None,
 ) -> None:
     """Exact MAR vs each decoding variant on the digits model, same seeds, PSNR vs MAR."""
     from dataclasses import replace
 
-    from engine.eval.ablations import run_ablations
+    from engine.eval.ablations import merge_rows, run_ablations
     from engine.eval.ablations import variant_set as variants_of
     from engine.pipeline import Pipeline
 
@@ -329,7 +336,12 @@ def ablations(
             seed,
             variants=variants,
             progress=lambda name, done, total: progress.update(tasks[name], completed=done),
+            reference_path=reference,
         )
+    if json_path is not None and json_path.exists():
+        old = json.loads(json_path.read_text())
+        if old.get("params") == params.__dict__ and _same_run(old["rows"][0], rows[0]):
+            rows = merge_rows(old["rows"], rows)
     table = Table("decoding", "accuracy", "Fréchet", "diversity", "PSNR vs MAR (dB)")
     for row in rows:
         db = row["psnr_vs_mar_db"]
@@ -404,7 +416,7 @@ def bench(
             )
             report = run_bench(
                 models[0], mode_list, batch, params, device, dtype, repeats, marche=knobs,
-                compile=compile,
+                compile=compile, progress=_print_run,
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -415,6 +427,15 @@ def bench(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _same_run(mar: dict, other: dict) -> bool:
+    """Two MAR rows of the same seeds and settings (only their timing may differ)."""
+    return {**mar, "seconds": None} == {**other, "seconds": None}
+
+
+def _print_run(mode: str, run: int, seconds: float) -> None:
+    Console(stderr=True).print(f"{mode}: run {run} took {seconds:.1f} s")
 
 
 def _print_flops(report: dict) -> None:

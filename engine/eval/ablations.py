@@ -7,13 +7,21 @@ the mean per-image PSNR against MAR on the same seeds. Two sets:
 * `marche`: MARché with its defaults and the paper's ablations (Tables 2-3, our data);
 * `turbo`: each acceleration knob alone (condition cache, head step schedules, head cache) and
   the presets `marche` and `turbo`.
+
+A 500-image row takes ~25 min of a 2-core CPU, so a full set can be split over several runs:
+with `reference`, MAR's images and row are saved there once and reused by later runs with the
+same settings (`--only` then picks the rows), and `merge_rows` folds each run's rows into one
+report.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from engine.decode.head import HeadConfig
@@ -77,10 +85,14 @@ def run_ablations(
     batch_size: int = 50,
     variants: dict[str, DecodeConfig] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    reference_path: Path | None = None,
 ) -> list[dict]:
-    """Rows [MAR, *variants]: name, knobs, the quality report, psnr_vs_mar_db (None for MAR)."""
+    """Rows [MAR, *variants]: name, knobs, the quality report, psnr_vs_mar_db (None for MAR).
+    With `reference_path`, MAR's row and images come from there when it holds this run's
+    settings, and are saved there otherwise."""
     variants = ablations() if variants is None else variants
     reference: dict[int, Tensor] = {}  # first seed of a batch -> MAR images of that batch
+    settings = {"params": asdict(params), "num": num, "seed": seed, "batch_size": batch_size}
 
     def baseline(labels: Tensor, seeds: list[int]) -> Tensor:
         images = pipe.generate(labels.tolist(), seeds, params=params, policy=make_policy("mar"))
@@ -95,7 +107,14 @@ def run_ablations(
         result = evaluate(generate, num=num, seed=seed, batch_size=batch_size, progress=step)
         return {"name": name, **result.to_dict()}
 
-    rows = [{**report("MAR (exact)", baseline), "decoding": None, "psnr_vs_mar_db": None}]
+    saved = load_reference(reference_path, settings) if reference_path is not None else None
+    if saved is not None:
+        mar_row, reference = saved
+    else:
+        mar_row = {**report("MAR (exact)", baseline), "decoding": None, "psnr_vs_mar_db": None}
+        if reference_path is not None:
+            save_reference(reference_path, settings, mar_row, reference)
+    rows = [mar_row]
     for name, config in variants.items():
         psnrs: list[float] = []
         row = report(name, _versus_mar(pipe, params, config, reference, psnrs))
@@ -118,3 +137,33 @@ def _versus_mar(
         return images
 
     return generate
+
+
+def save_reference(path: Path, settings: dict, row: dict, images: dict[int, Tensor]) -> None:
+    """MAR's images (one tensor per batch, keyed by its first seed) and row, with the settings
+    that made them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"seed_{first}": batch.contiguous() for first, batch in images.items()}
+    meta = {"settings": json.dumps(settings, sort_keys=True), "row": json.dumps(row)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_reference(path: Path, settings: dict) -> tuple[dict, dict[int, Tensor]] | None:
+    """(MAR row, images) saved at `path` for exactly these settings; None if absent or other."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("settings") != json.dumps(settings, sort_keys=True):
+        return None
+    images = {int(k.removeprefix("seed_")): v for k, v in load_file(str(path)).items()}
+    return json.loads(meta["row"]), images
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each row of `new` replacing the row of the same name, or appended."""
+    merged = {row["name"]: row for row in old}
+    merged.update({row["name"]: row for row in new})
+    return list(merged.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,10 +88,12 @@ def bench(
     warmup_steps: int = 2,
     marche: MarcheConfig | None = None,
     compile: str = "off",
+    progress: Callable[[str, int, float], None] | None = None,
 ) -> dict:
     """Time every mode on the same classes, seeds and settings. Timed runs interleave the
     modes (mar, marche, turbo, mar, ...), so a slow spell of a shared machine hits all of
-    them; each mode reports its median run."""
+    them; each mode reports its median run. `progress(mode, run, seconds)` hears of each
+    timed run as it ends (a batch-16 table on a CPU takes over an hour)."""
     pipe = Pipeline.load(
         model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
     )
@@ -109,6 +111,8 @@ def bench(
             seconds, stats = run_once(pipe, mode, batch, params, marche, timers[mode])
             runs[mode].append(seconds)
             fractions[mode] += stats
+            if progress is not None:
+                progress(mode, len(runs[mode]), seconds)
     results = {
         m: ModeResult(
             m,

@@ -240,3 +240,13 @@ def test_ablations_only_runs_the_named_variants(tmp_path):
     ]
     result = runner.invoke(app, ["ablations", "--set", "turbo", "--only", "nothing"])
     assert result.exit_code == 2 and "matches no variant" in result.output
+
+
+def test_ablations_split_over_runs_reuse_mar_and_merge_rows(tmp_path):
+    path, ref = tmp_path / "ablations.json", tmp_path / "mar.safetensors"
+    base = ["ablations", "--set", "turbo", "--num", "10", "--steps", "2", "--reference", str(ref)]
+    for only in ("turbo", "head cache"):
+        result = runner.invoke(app, [*base, "--only", only, "--json", str(path)])
+        assert result.exit_code == 0, result.output
+    names = [r["name"] for r in json.loads(path.read_text())["rows"]]
+    assert names == ["MAR (exact)", "turbo (preset)", "head cache alone"]

@@ -8,7 +8,13 @@ import pytest
 
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import DecodeConfig
-from engine.eval.ablations import ABLATIONS, run_ablations, turbo_ablations
+from engine.eval.ablations import (
+    ABLATIONS,
+    load_reference,
+    merge_rows,
+    run_ablations,
+    turbo_ablations,
+)
 from engine.pipeline import Pipeline
 
 
@@ -56,3 +62,26 @@ def test_the_turbo_set_has_each_knob_alone_and_the_presets():
         changed += ["head"] if not config.head.exact else []
         assert len(changed) == 1, name
     assert {"marche (preset)", "turbo (preset)"} <= set(variants)
+
+
+def test_a_saved_mar_reference_is_reused_by_a_later_run_of_the_same_settings(pipe, tmp_path):
+    ref = tmp_path / "mar.safetensors"
+    params = replace(pipe.spec.defaults, num_iter=4)
+    exact = {"every token active": DecodeConfig(marche=MarcheConfig(budget=272, refresh_period=1))}
+    (first,) = run_ablations(pipe, params, num=10, batch_size=5, variants={}, reference_path=ref)
+    assert ref.exists()
+    mar, again = run_ablations(pipe, params, 10, batch_size=5, variants=exact, reference_path=ref)
+    assert mar == first  # loaded, timing included, not generated again
+    assert again["psnr_vs_mar_db"] == 100.0  # the PSNR reference is the saved images
+    other = replace(params, num_iter=3)  # other settings: MAR generated anew, the file replaced
+    (fresh,) = run_ablations(pipe, other, num=10, batch_size=5, variants={}, reference_path=ref)
+    assert fresh["seconds"] != first["seconds"]
+    assert load_reference(ref, {"params": other.__dict__, "num": 10, "seed": 0, "batch_size": 5})
+
+
+def test_merged_rows_keep_order_and_take_the_newer_row():
+    old = [{"name": "MAR (exact)", "v": 1}, {"name": "a", "v": 1}]
+    new = [{"name": "MAR (exact)", "v": 1}, {"name": "a", "v": 2}, {"name": "b", "v": 1}]
+    assert merge_rows(old, new) == [
+        {"name": "MAR (exact)", "v": 1}, {"name": "a", "v": 2}, {"name": "b", "v": 1}
+    ]  # fmt: skip
