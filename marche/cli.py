@@ -2,72 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from marche.eval_cmd import ablations, bench, quality
+from marche.options import (
+    BudgetOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EncoderOpt,
+    ModelOpt,
+    ModeOpt,
+    PeriodOpt,
+    SelectionOpt,
+    VaeOpt,
+    fail,
+    marche_config,
+    out,
+    step_progress,
+)
 from marche.serve_cmd import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
-out = Console()
-
-ModelOpt = Annotated[str, typer.Option(help="digits (shipped), mar_base, mar_large, mar_huge")]
-CheckpointOpt = Annotated[
-    Path | None, typer.Option(help="official checkpoint-last.pth or .safetensors (MAR models)")
-]
-VaeOpt = Annotated[Path | None, typer.Option(help="KL-16 VAE kl16.ckpt or .safetensors")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")]
-
-
-BudgetOpt = Annotated[int, typer.Option(help="MARché: active tokens per image per step")]
-SelectionOpt = Annotated[int, typer.Option(help="MARché: scoring decoder layer (1-based)")]
-PeriodOpt = Annotated[int, typer.Option(help="MARché: full refresh every R steps")]
-EncoderOpt = Annotated[str, typer.Option(help="MARché encoder: cache or full")]
-RefreshOpt = Annotated[str, typer.Option(help="MARché refresh: attention, random, low_attention")]
-CachingOpt = Annotated[bool, typer.Option(help="MARché: include last step's tokens")]
-ModeOpt = Annotated[
-    str, typer.Option(help="decoding: mar (exact), marche (cache-aware), turbo (every cache)")
-]
-CompileOpt = Annotated[
-    str, typer.Option(help="torch.compile the hot paths: off, default, reduce-overhead, ...")
-]
-
-
-def marche_config(budget, selection_layer, refresh_period, encoder, refresh, caching_tokens):
-    from engine.decode.marche import MarcheConfig
-
-    return MarcheConfig(
-        budget=budget,
-        selection_layer=selection_layer,
-        refresh_period=refresh_period,
-        encoder=encoder,
-        caching_tokens=caching_tokens,
-        refresh=refresh,
-    )
-
-
-def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code=2)
-
-
-def step_progress(total: int) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 @app.command()
@@ -208,288 +170,8 @@ def info(
     Console(width=160).print(table)
 
 
-@app.command()
-def quality(
-    mode: ModeOpt = "mar",
-    num: Annotated[int, typer.Option(min=10, help="images to generate (class-balanced)")] = 500,
-    seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
-    steps: Annotated[int | None, typer.Option(help="autoregressive steps")] = None,
-    cfg: Annotated[float | None, typer.Option(help="guidance scale")] = None,
-    temperature: Annotated[float | None, typer.Option(help="diffusion temperature")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 50,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
-    psnr_vs_mar: Annotated[
-        bool, typer.Option(help="also run exact MAR on the same seeds; report mean PSNR")
-    ] = False,
-    budget: BudgetOpt = 64,
-    selection_layer: SelectionOpt = 2,
-    refresh_period: PeriodOpt = 3,
-    encoder: EncoderOpt = "cache",
-    refresh: RefreshOpt = "attention",
-    caching_tokens: CachingOpt = True,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="digits weights to score (default: the shipped ones)")
-    ] = None,
-) -> None:
-    """Quality of the shipped digits model against held-out real digits."""
-    from dataclasses import asdict, replace
-
-    from engine.decode.policy import make_policy, preset
-    from engine.eval.quality import evaluate
-    from engine.model.checkpoint import CheckpointError
-    from engine.pipeline import Pipeline
-
-    try:
-        pipe = Pipeline.load("digits", checkpoint=checkpoint, device="cpu")
-        knobs = marche_config(
-            budget, selection_layer, refresh_period, encoder, refresh, caching_tokens
-        )
-        policy = make_policy(mode, knobs)
-        overrides = {"num_iter": steps, "cfg": cfg, "temperature": temperature}
-        params = replace(
-            pipe.spec.defaults, **{k: v for k, v in overrides.items() if v is not None}
-        )
-    except (ValueError, CheckpointError) as exc:
-        raise fail(str(exc)) from None
-    psnrs: list[float] = []
-
-    def gen(labels, seeds):
-        images = pipe.generate(labels.tolist(), seeds, params=params, policy=policy)
-        if psnr_vs_mar:
-            from engine.eval.quality import psnr
-
-            baseline = pipe.generate(labels.tolist(), seeds, params=params)
-            psnrs.extend(psnr(images, baseline).tolist())
-        return images
-
-    with step_progress(num) as progress:
-        task = progress.add_task(f"digits quality ({mode}, {params})", total=num)
-        report = evaluate(
-            gen,
-            num=num,
-            seed=seed,
-            batch_size=batch_size,
-            progress=lambda done, total: progress.update(task, completed=done),
-        )
-    weights = str(checkpoint) if checkpoint is not None else "shipped"
-    result = {"mode": mode, "weights": weights, "params": params.__dict__, **report.to_dict()}
-    result["decoding"] = asdict(preset(mode, knobs))
-    if psnrs:
-        result["psnr_vs_mar_db"] = sum(psnrs) / len(psnrs)
-    out.print_json(json.dumps(result))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-
-
-@app.command()
-def ablations(
-    num: Annotated[int, typer.Option(min=10, help="images per row (class-balanced)")] = 200,
-    seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
-    steps: Annotated[int | None, typer.Option(help="autoregressive steps")] = None,
-    budget: BudgetOpt = 64,
-    selection_layer: SelectionOpt = 2,
-    refresh_period: PeriodOpt = 3,
-    variant_set: Annotated[
-        str,
-        typer.Option(
-            "--set", help="marche: the paper's ablations; turbo: each turbo knob and the presets"
-        ),
-    ] = "marche",
-    only: Annotated[
-        list[str] | None,
-        typer.Option(help="run only the variants whose name contains this (repeatable)"),
-    ] = None,
-    reference: Annotated[
-        Path | None,
-        typer.Option(help="keep MAR's images and row here, and reuse them on a later run"),
-    ] = None,
-    json_path: Annotated[
-        Path | None,
-        typer.Option("--json", help="write the rows here (merged with its rows of the same run)"),
-    ] = None,
-) -> None:
-    """Exact MAR vs each decoding variant on the digits model, same seeds, PSNR vs MAR."""
-    from dataclasses import replace
-
-    from engine.eval.ablations import merge_rows, run_ablations
-    from engine.eval.ablations import variant_set as variants_of
-    from engine.pipeline import Pipeline
-
-    try:
-        base = marche_config(budget, selection_layer, refresh_period, "cache", "attention", True)
-        variants = variants_of(variant_set, base)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if only:
-        variants = {n: c for n, c in variants.items() if any(o in n for o in only)}
-        if not variants:
-            raise fail(f"--only {only} matches no variant of the {variant_set!r} set")
-    pipe = Pipeline.load("digits", device="cpu")
-    params = pipe.spec.defaults if steps is None else replace(pipe.spec.defaults, num_iter=steps)
-    with step_progress(num) as progress:
-        tasks = {n: progress.add_task(n, total=num) for n in ["MAR (exact)", *variants]}
-        rows = run_ablations(
-            pipe,
-            params,
-            num,
-            seed,
-            variants=variants,
-            progress=lambda name, done, total: progress.update(tasks[name], completed=done),
-            reference_path=reference,
-        )
-    if json_path is not None and json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("params") == params.__dict__ and _same_run(old["rows"][0], rows[0]):
-            rows = merge_rows(old["rows"], rows)
-    table = Table("decoding", "accuracy", "Fréchet", "diversity", "PSNR vs MAR (dB)")
-    for row in rows:
-        db = row["psnr_vs_mar_db"]
-        table.add_row(
-            row["name"],
-            f"{row['accuracy']:.3f}",
-            f"{row['frechet_distance']:.1f} (floor {row['frechet_distance_real']:.1f})",
-            f"{row['diversity_ratio']:.2f}",
-            "-" if db is None else f"{db:.1f}",
-        )
-    Console(width=130).print(table)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"params": params.__dict__, "rows": rows}, indent=2) + "\n")
-
-
-@app.command()
-def bench(
-    model: Annotated[
-        str, typer.Option(help="digits, mar_base, mar_large, mar_huge (--flops: comma-separated)")
-    ] = "mar_base",
-    batch: Annotated[int, typer.Option(min=1, help="images per batch")] = 1,
-    steps: Annotated[int | None, typer.Option(min=1, help="AR steps (model default)")] = None,
-    cfg: Annotated[float | None, typer.Option(help="guidance scale (model default)")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    modes: Annotated[str, typer.Option(help="comma-separated modes")] = "mar,marche,turbo",
-    repeats: Annotated[int, typer.Option(min=1, help="timed runs per mode (interleaved)")] = 1,
-    budget: BudgetOpt = 64,
-    selection_layer: SelectionOpt = 2,
-    refresh_period: PeriodOpt = 3,
-    encoder: EncoderOpt = "cache",
-    compile: CompileOpt = "off",
-    flops: Annotated[
-        bool, typer.Option("--flops", help="count FLOPs per image per phase instead of timing")
-    ] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
-) -> None:
-    """Time generation per mode (median s/image, per-phase seconds, speedup over exact MAR),
-    or with --flops count FLOPs per image per phase (device-independent)."""
-    from dataclasses import replace
-
-    from engine.decode.marche import MarcheConfig
-    from engine.pipeline import MODELS
-
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    models = [m.strip() for m in model.split(",") if m.strip()]
-    try:
-        knobs = MarcheConfig(
-            budget=budget,
-            selection_layer=selection_layer,
-            refresh_period=refresh_period,
-            encoder=encoder,
-        )
-        for name in models:
-            if name not in MODELS:
-                raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if flops:
-            from engine.eval.flops import flops_table
-
-            report = flops_table(models, mode_list, steps, cfg, batch, knobs)
-        else:
-            from engine.eval.bench import bench as run_bench
-
-            if len(models) != 1:
-                raise ValueError("timing takes one model (--flops takes several)")
-            defaults = MODELS[models[0]].defaults
-            params = replace(
-                defaults,
-                num_iter=steps or defaults.num_iter,
-                cfg=defaults.cfg if cfg is None else cfg,
-            )
-            report = run_bench(
-                models[0], mode_list, batch, params, device, dtype, repeats, marche=knobs,
-                compile=compile, progress=_print_run,
-            )  # fmt: skip
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if flops:
-        _print_flops(report)
-    else:
-        _print_timing(report)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _same_run(mar: dict, other: dict) -> bool:
-    """Two MAR rows of the same seeds and settings (only their timing may differ)."""
-    return {**mar, "seconds": None} == {**other, "seconds": None}
-
-
-def _print_run(mode: str, run: int, seconds: float) -> None:
-    Console(stderr=True).print(f"{mode}: run {run} took {seconds:.1f} s")
-
-
-def _print_flops(report: dict) -> None:
-    from engine.eval.flops import PHASES
-
-    for name, entry in report.items():
-        table = Table(
-            "mode",
-            *(f"{p} TF" for p in PHASES),
-            "total TF",
-            "vs mar",
-            title=f"{name}: FLOPs per image, {entry['steps']} steps, cfg {entry['cfg']}",
-        )
-        for mode, row in entry["modes"].items():
-            reduction = entry.get("reduction", {}).get(mode)
-            table.add_row(
-                mode,
-                *(f"{row[p] / 1e12:.3f}" for p in PHASES),
-                f"{row['total'] / 1e12:.3f}",
-                "-" if reduction is None else f"{reduction:.2f}x",
-            )
-        Console(width=130).print(table)
-
-
-def _print_timing(report: dict) -> None:
-    from engine.eval.bench import PHASES
-
-    table = Table(
-        "mode",
-        "s/image",
-        *PHASES,
-        "active",
-        "vs mar",
-        title=(
-            f"{report['model']} on {report['device']} ({report['dtype']}), batch "
-            f"{report['batch']}, {report['steps']} steps, cfg {report['cfg']}, "
-            f"compile {report['compile']}, median of {report['repeats']}"
-        ),
-    )
-    for name, r in report["modes"].items():
-        ph = r["phases_s_per_image"]
-        frac = r["active_fraction"]
-        speedup = report.get("speedup", {}).get(name)
-        table.add_row(
-            name,
-            f"{r['s_per_image']:.3f}",
-            *(f"{ph[p]:.3f}" for p in PHASES),
-            "-" if frac is None else f"{frac:.2f}",
-            "-" if speedup is None else f"{speedup:.2f}x",
-        )
-    Console(width=150).print(table)
-
-
-app.command()(serve)
+for command in (quality, ablations, bench, serve):
+    app.command()(command)
 
 
 def main() -> None:

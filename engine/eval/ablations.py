@@ -110,6 +110,8 @@ def run_ablations(
     saved = load_reference(reference_path, settings) if reference_path is not None else None
     if saved is not None:
         mar_row, reference = saved
+        if progress is not None:
+            progress(mar_row["name"], num, num)
     else:
         mar_row = {**report("MAR (exact)", baseline), "decoding": None, "psnr_vs_mar_db": None}
         if reference_path is not None:
