@@ -131,6 +131,9 @@ def test_ray_serve_end_to_end(tmp_path):
             job = {"class_id": i % 10, "seed": i, "steps": 32}
             return httpx.post(f"{base}/generate", json=job, timeout=120)
 
+        # A readiness probe that timed out during a slow start-up is a cancelled request, which
+        # Serve counts as a deployment error (seen on a loaded machine): only the burst counts.
+        errors_before = metric_value(exported(), "ray_serve_deployment_error_counter_total")
         with ThreadPoolExecutor(8) as pool:
             burst = list(pool.map(generate, range(8)))
         codes = sorted(r.status_code for r in burst)
@@ -141,7 +144,7 @@ def test_ray_serve_end_to_end(tmp_path):
         wait_for(lambda: counted("503") == len(refused), 60, "503s exported")
         text = exported()
         errors = metric_value(text, "ray_serve_deployment_error_counter_total")
-        assert errors == 0, "each 503 counted as a Serve deployment error"
+        assert errors == errors_before, "each 503 counted as a Serve deployment error"
         time.sleep(2)  # replica logs reach the driver's output within a second or so
         assert "QueueFull" not in log_path.read_text(), "a 503 logged a traceback"
 
