@@ -201,18 +201,12 @@ def bench(
     or with --flops count FLOPs per image per phase (device-independent)."""
     from dataclasses import replace
 
-    from engine.decode.marche import MarcheConfig
     from engine.pipeline import MODELS
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     models = [m.strip() for m in model.split(",") if m.strip()]
     try:
-        knobs = MarcheConfig(
-            budget=budget,
-            selection_layer=selection_layer,
-            refresh_period=refresh_period,
-            encoder=encoder,
-        )
+        knobs = marche_config(budget, selection_layer, refresh_period, encoder, "attention", True)
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.decode.head import HeadConfig
@@ -154,13 +155,11 @@ def load_reference(path: Path, settings: dict) -> tuple[dict, dict[int, Tensor]]
     """(MAR row, images) saved at `path` for exactly these settings; None if absent or other."""
     if not path.exists():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # one read: settings, then the images
         meta = f.metadata() or {}
-    if meta.get("settings") != json.dumps(settings, sort_keys=True):
-        return None
-    images = {int(k.removeprefix("seed_")): v for k, v in load_file(str(path)).items()}
+        if meta.get("settings") != json.dumps(settings, sort_keys=True):
+            return None
+        images = {int(k.removeprefix("seed_")): f.get_tensor(k) for k in f.keys()}
     return json.loads(meta["row"]), images
 
 
