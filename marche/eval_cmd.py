@@ -245,8 +245,9 @@ def _same_run(mar: dict, other: dict) -> bool:
     return {**mar, "seconds": None} == {**other, "seconds": None}
 
 
-def _print_run(mode: str, run: int, seconds: float) -> None:
-    Console(stderr=True).print(f"{mode}: run {run} took {seconds:.1f} s")
+def _print_run(mode: str, run: int, seconds: float, phases: dict[str, float]) -> None:
+    split = ", ".join(f"{phase} {s:.1f}" for phase, s in phases.items())
+    Console(stderr=True).print(f"{mode}: run {run} took {seconds:.1f} s ({split} s)")
 
 
 def _print_flops(report: dict) -> None:

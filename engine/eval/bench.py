@@ -88,12 +88,13 @@ def bench(
     warmup_steps: int = 2,
     marche: MarcheConfig | None = None,
     compile: str = "off",
-    progress: Callable[[str, int, float], None] | None = None,
+    progress: Callable[[str, int, float, dict[str, float]], None] | None = None,
 ) -> dict:
     """Time every mode on the same classes, seeds and settings. Timed runs interleave the
     modes (mar, marche, turbo, mar, ...), so a slow spell of a shared machine hits all of
-    them; each mode reports its median run. `progress(mode, run, seconds)` hears of each
-    timed run as it ends (a batch-16 table on a CPU takes over an hour)."""
+    them; each mode reports its median run. `progress(mode, run, seconds, phases)` hears of
+    each timed run as it ends, with that run's seconds per phase, so a run stopped part-way
+    (a batch-16 table on a CPU takes hours) still leaves per-phase numbers."""
     pipe = Pipeline.load(
         model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
     )
@@ -103,22 +104,26 @@ def bench(
     warm = params if compile != "off" else SamplingParams(warmup_steps, params.cfg)
     for mode in modes:
         run_once(pipe, mode, batch, warm, marche, PhaseTimer(pipe.device))
-    timers = {m: PhaseTimer(pipe.device) for m in modes}
+    phases: dict[str, dict[str, float]] = {m: dict.fromkeys(PHASES, 0.0) for m in modes}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     fractions: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
-            seconds, stats = run_once(pipe, mode, batch, params, marche, timers[mode])
+            timer = PhaseTimer(pipe.device)
+            seconds, stats = run_once(pipe, mode, batch, params, marche, timer)
+            run_phases = {p: timer.seconds.get(p, 0.0) for p in PHASES}
+            for p, s in run_phases.items():
+                phases[mode][p] += s
             runs[mode].append(seconds)
             fractions[mode] += stats
             if progress is not None:
-                progress(mode, len(runs[mode]), seconds)
+                progress(mode, len(runs[mode]), seconds, run_phases)
     results = {
         m: ModeResult(
             m,
             runs[m],
             batch,
-            {p: timers[m].seconds.get(p, 0.0) for p in PHASES},
+            phases[m],
             sum(fractions[m]) / len(fractions[m]) if fractions[m] else None,
         )
         for m in modes

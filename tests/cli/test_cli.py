@@ -132,6 +132,8 @@ def test_bench_json_has_speedup_and_phases(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "turbo: run 1 took" in result.output  # each run is printed as it ends,
+    assert "diffusion_head" in result.output  # with its phase split
     report = json.loads(path.read_text())
     assert set(report["modes"]) == {"mar", "marche", "turbo"}
     assert report["speedup"]["mar"] == 1.0 and report["speedup"]["turbo"] > 0
