@@ -18,6 +18,7 @@ import torch
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES, make_policy
 from engine.decode.profiling import PhaseTimer
+from engine.decode.sampler import StepInfo
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -77,6 +78,32 @@ def run_once(
     return time.perf_counter() - start, list(getattr(policy, "stats", []))
 
 
+def warm_up(
+    pipe: Pipeline,
+    mode: str,
+    batch: int,
+    params: SamplingParams,
+    marche: MarcheConfig | None,
+    steps: int | None,
+) -> None:
+    """The first `steps` AR steps of a timed run (all of them when None), then the VAE.
+
+    Not a short run of `steps` steps: that predicts every token in those steps, so the
+    diffusion head does a whole run's work (at batch 16, minutes per mode on a CPU), on
+    row counts the timed run never sees."""
+
+    def stop(info: StepInfo) -> list[bool] | None:
+        return [False] * batch if steps is not None and info.step + 1 >= steps else None
+
+    classes = [i % pipe.num_classes for i in range(batch)]
+    policy = make_policy(mode, marche)
+    pipe.generate_tokens(classes, list(range(batch)), params, policy, on_step=stop)
+    cfg = pipe.model.cfg
+    pipe.decode(torch.zeros(batch, cfg.seq_len, cfg.token_embed_dim, device=pipe.device))
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+
+
 def bench(
     model: str = "mar_base",
     modes: Sequence[str] = MODES,
@@ -99,11 +126,11 @@ def bench(
         model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
     )
     params = params or pipe.spec.defaults
-    # Warm-up: kernels, allocator and caches, on a short run of each mode. Compiled graphs are
-    # specialised to each step's row count, so with --compile the warm-up is a full run.
-    warm = params if compile != "off" else SamplingParams(warmup_steps, params.cfg)
+    # Warm-up: kernels, allocator and caches, on the first steps of a real run of each mode.
+    # Compiled graphs are specialised to each step's row count, so with --compile it is a
+    # full run.
     for mode in modes:
-        run_once(pipe, mode, batch, warm, marche, PhaseTimer(pipe.device))
+        warm_up(pipe, mode, batch, params, marche, None if compile != "off" else warmup_steps)
     phases: dict[str, dict[str, float]] = {m: dict.fromkeys(PHASES, 0.0) for m in modes}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     fractions: dict[str, list[float]] = {m: [] for m in modes}

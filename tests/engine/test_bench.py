@@ -27,3 +27,28 @@ def test_progress_reports_each_run_with_the_phases_the_report_sums():
         # the phases are timed inside each run, so they cannot exceed its wall time
         for seconds, phases in mine:
             assert sum(phases.values()) <= seconds
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(2, 2), (None, 8)])
+def test_warm_up_runs_the_first_steps_of_a_real_run(monkeypatch, steps, expected):
+    from engine.decode.step import StepEngine
+    from engine.eval.bench import warm_up
+    from engine.pipeline import Pipeline
+
+    seen: list[tuple[int, int]] = []  # (rows, tokens done) after each step
+    real_step = StepEngine.step
+
+    def counting_step(self, rows, *args, **kwargs):
+        out = real_step(self, rows, *args, **kwargs)
+        seen.append((len(rows), rows[0].tokens_done))
+        return out
+
+    monkeypatch.setattr(StepEngine, "step", counting_step)
+    pipe = Pipeline.load("digits", device="cpu")
+    warm_up(pipe, "mar", 3, SamplingParams(8, 5.0), None, steps)
+    # the real run's schedule (8 steps), cut after `steps`: not a short 2-step run, which
+    # would predict every token
+    assert [rows for rows, _ in seen] == [3] * expected
+    done = seen[-1][1]
+    seq_len = pipe.model.cfg.seq_len
+    assert done == seq_len if steps is None else 0 < done < seq_len / 2
