@@ -61,7 +61,7 @@ ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (
 flops: install  ## FLOPs per image per phase, MAR-B/L/H, every mode (meta device, no GPU needed)
 	$(BIN)/marche bench --flops --model mar_base,mar_large,mar_huge --json out/flops.json
 
-bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, modes interleaved: batch 1 (~17 min), then 16 (over an hour)
+bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, modes interleaved: batch 1 (~17 min), then 16 (~1.5 h)
 	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 2 --json out/bench_cpu_b1.json
 	$(BIN)/marche bench --model mar_base --batch 16 --device cpu --repeats 1 --json out/bench_cpu_b16.json
 
