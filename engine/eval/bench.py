@@ -80,13 +80,14 @@ def run_once(
 
 def warm_up(
     pipe: Pipeline,
-    mode: str,
+    modes: Sequence[str],
     batch: int,
     params: SamplingParams,
     marche: MarcheConfig | None,
     steps: int | None,
 ) -> None:
-    """The first `steps` AR steps of a timed run (all of them when None), then the VAE.
+    """The first `steps` AR steps of a timed run of each mode (all of them when None), then
+    the VAE once (it does not depend on the mode).
 
     Not a short run of `steps` steps: that predicts every token in those steps, so the
     diffusion head does a whole run's work (at batch 16, minutes per mode on a CPU), on
@@ -96,8 +97,9 @@ def warm_up(
         return [False] * batch if steps is not None and info.step + 1 >= steps else None
 
     classes = [i % pipe.num_classes for i in range(batch)]
-    policy = make_policy(mode, marche)
-    pipe.generate_tokens(classes, list(range(batch)), params, policy, on_step=stop)
+    for mode in modes:
+        policy = make_policy(mode, marche)
+        pipe.generate_tokens(classes, list(range(batch)), params, policy, on_step=stop)
     cfg = pipe.model.cfg
     pipe.decode(torch.zeros(batch, cfg.seq_len, cfg.token_embed_dim, device=pipe.device))
     if pipe.device.type == "cuda":
@@ -129,8 +131,7 @@ def bench(
     # Warm-up: kernels, allocator and caches, on the first steps of a real run of each mode.
     # Compiled graphs are specialised to each step's row count, so with --compile it is a
     # full run.
-    for mode in modes:
-        warm_up(pipe, mode, batch, params, marche, None if compile != "off" else warmup_steps)
+    warm_up(pipe, modes, batch, params, marche, None if compile != "off" else warmup_steps)
     phases: dict[str, dict[str, float]] = {m: dict.fromkeys(PHASES, 0.0) for m in modes}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     fractions: dict[str, list[float]] = {m: [] for m in modes}

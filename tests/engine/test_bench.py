@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.eval.bench import PHASES, bench
+from engine.decode.step import StepEngine
+from engine.eval.bench import PHASES, bench, warm_up
 from engine.model.config import SamplingParams
+from engine.pipeline import Pipeline
 
 
 def test_progress_reports_each_run_with_the_phases_the_report_sums():
@@ -30,11 +32,7 @@ def test_progress_reports_each_run_with_the_phases_the_report_sums():
 
 
 @pytest.mark.parametrize(("steps", "expected"), [(2, 2), (None, 8)])
-def test_warm_up_runs_the_first_steps_of_a_real_run(monkeypatch, steps, expected):
-    from engine.decode.step import StepEngine
-    from engine.eval.bench import warm_up
-    from engine.pipeline import Pipeline
-
+def test_warm_up_runs_the_first_steps_of_a_real_run_of_each_mode(monkeypatch, steps, expected):
     seen: list[tuple[int, int]] = []  # (rows, tokens done) after each step
     real_step = StepEngine.step
 
@@ -45,10 +43,10 @@ def test_warm_up_runs_the_first_steps_of_a_real_run(monkeypatch, steps, expected
 
     monkeypatch.setattr(StepEngine, "step", counting_step)
     pipe = Pipeline.load("digits", device="cpu")
-    warm_up(pipe, "mar", 3, SamplingParams(8, 5.0), None, steps)
-    # the real run's schedule (8 steps), cut after `steps`: not a short 2-step run, which
-    # would predict every token
-    assert [rows for rows, _ in seen] == [3] * expected
-    done = seen[-1][1]
+    warm_up(pipe, ["mar", "turbo"], 3, SamplingParams(8, 5.0), None, steps)
+    # each mode on the real run's schedule (8 steps), cut after `steps`: not a short 2-step
+    # run, which would predict every token
+    assert [rows for rows, _ in seen] == [3] * (2 * expected)
     seq_len = pipe.model.cfg.seq_len
-    assert done == seq_len if steps is None else 0 < done < seq_len / 2
+    for done in (seen[expected - 1][1], seen[-1][1]):  # each mode's last step
+        assert done == seq_len if steps is None else 0 < done < seq_len / 2
