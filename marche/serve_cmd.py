@@ -51,13 +51,13 @@ def serve(
         if value is not None:
             os.environ[f"MARCHE_{name.upper()}"] = str(value)
     if ray:
-        from service.ray_app import run
+        from service.ray_serve.app import run
 
         run(config, host=host, port=port, metrics_port=metrics_port)
         return
     import uvicorn
 
-    from service.app import build_app
+    from service.http.app import build_app
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()

@@ -1,7 +1,7 @@
 """Every metric the service records, named once; the backend (Prometheus or Ray) makes them.
 
 Under uvicorn the backend is a `prometheus_client` registry served at `/metrics`. Under Ray
-Serve each replica is its own process, so `service.ray_app` supplies a backend built on
+Serve each replica is its own process, so `service.ray_serve.app` supplies a backend built on
 `ray.serve.metrics`, exported by Ray's per-node exporter with a `ray_` prefix.
 """
 

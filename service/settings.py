@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decode.marche import MarcheConfig
-from service.schemas import Mode
+from engine.decode.policy import MODES
 
 
 class ServiceSettings(BaseSettings):
@@ -40,7 +40,7 @@ class ServiceSettings(BaseSettings):
     preview_every: int = Field(4, ge=1, description="stream a preview every N steps")
 
     # decoding defaults (a request may choose mode; the MARché knobs are per server)
-    default_mode: Mode = "marche"
+    default_mode: Literal[MODES] = "marche"
     marche_budget: int = Field(64, ge=1)
     marche_selection_layer: int = Field(2, ge=1)
     marche_refresh_period: int = Field(3, ge=1)

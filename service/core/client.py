@@ -1,7 +1,7 @@
 """How the HTTP layer reaches the engine: in-process (uvicorn) or through Ray Serve.
 
 `EngineRequest` / `JobResult` are plain picklable data, so the same contract crosses a Ray
-deployment handle. `LocalEngineClient` owns an `EngineWorker` thread; `service.ray_app` wraps
+deployment handle. `LocalEngineClient` owns an `EngineWorker` thread; `service.ray_serve.app` wraps
 one inside the GPU deployment and exposes it to the ingress through a handle.
 """
 
@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
+from service.core.jobs import Job, JobResult
+from service.core.worker import EngineWorker
 from service.metrics import Metrics
 from service.settings import ServiceSettings
-from service.worker import EngineWorker, Job, JobResult
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A request as the engine worker sees it, and how it ends."""
+"""A request as the engine worker sees it, its limits, and how it ends."""
 
 from __future__ import annotations
 
@@ -6,11 +6,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from engine.decode.policy import MODES
 from engine.model.config import SamplingParams
+
+MAX_IMAGES = 16  # images per request
+MAX_STEPS = 256
+MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
+Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
 
 
 class QueueFull(Exception):
@@ -89,3 +95,25 @@ class Job:
         if not self.future.done():
             self.future.set_result(result)
         return True
+
+    def report(
+        self,
+        step: int,
+        total: int,
+        tokens_done: int,
+        seq_len: int,
+        preview: Callable[[], np.ndarray] | None,
+        preview_every: int,
+    ) -> None:
+        """Tell a streaming job about a step (with a small preview every `preview_every`)."""
+        if self.on_event is None:
+            return
+        event: dict[str, Any] = {
+            "step": step,
+            "total": total,
+            "tokens_done": tokens_done,
+            "seq_len": seq_len,
+        }
+        if preview is not None and step < total and step % preview_every == 0:
+            event["preview"] = preview()
+        self.on_event(event)

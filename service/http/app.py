@@ -1,7 +1,7 @@
 """The FastAPI app: `build_app(settings, client)`; the same app runs under uvicorn and Ray Serve.
 
 No Ray import here. Under uvicorn `client` is a `LocalEngineClient` started by the lifespan
-hook; under Ray Serve, `service.ray_app` passes a client that calls the engine deployment.
+hook; under Ray Serve, `service.ray_serve.app` passes a client that calls the engine deployment.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from engine.decode.policy import MODES
 from engine.images import encode_image, make_grid
 from engine.model.config import SamplingParams
 from engine.pipeline import MODELS
-from service.engine_client import EngineClient, EngineRequest, LocalEngineClient
-from service.metrics import Metrics, PrometheusBackend
-from service.schemas import (
+from service.core.client import EngineClient, EngineRequest, LocalEngineClient
+from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull
+from service.http.schemas import (
     MEDIA_TYPES,
     GenerateRequest,
     GenerateResponse,
     error_responses,
 )
+from service.metrics import Metrics, PrometheusBackend
 from service.settings import ServiceSettings
-from service.worker import EngineError, JobCancelled, JobResult, QueueFull
 
 TIMEOUT_HEADER = "x-request-timeout-seconds"
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent

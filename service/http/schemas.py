@@ -7,11 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from engine.decode.policy import MODES
-
-MAX_IMAGES = 16
-MAX_STEPS = 256
-MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
+from service.core.jobs import MAX_IMAGES, MAX_SEED, MAX_STEPS, Mode
 
 
 def _number(value: Any) -> Any:
@@ -24,7 +20,6 @@ def _number(value: Any) -> Any:
 
 
 ImageFormat = Literal["png", "jpeg", "webp"]
-Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 

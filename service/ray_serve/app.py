@@ -35,14 +35,14 @@ from ray.serve import metrics as ray_metrics
 from ray.serve.handle import DeploymentHandle
 
 from engine.decode.policy import MODES
-from service.app import build_app
-from service.engine_client import EngineRequest, LocalEngineClient
-from service.jobs import EngineError, JobCancelled, QueueFull
+from service.core.client import EngineRequest, LocalEngineClient
+from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull
+from service.http.app import build_app
 from service.metrics import Metrics, MetricSpec
 from service.settings import ServiceSettings
-from service.worker import JobResult
 
 log = logging.getLogger("marche.ray")
+IMPORT_PATH = "service.ray_serve.app:app"  # the Serve application (deploy/serve_config.yaml)
 EXPECTED = (QueueFull, JobCancelled, EngineError)  # outcomes the app answers (503/504/499/500)
 
 
@@ -210,8 +210,8 @@ def run(
 
     spec = yaml.safe_load(Path(config).read_text())
     (application_spec,) = spec["applications"]  # one application: ours
-    if application_spec.get("import_path", "service.ray_app:app") != "service.ray_app:app":
-        raise SystemExit(f"{config}: marche serve --ray runs service.ray_app:app only")
+    if application_spec.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+        raise SystemExit(f"{config}: marche serve --ray runs {IMPORT_PATH} only")
     options = {
         d["name"]: {k: v for k, v in d.items() if k != "name"}
         for d in application_spec.get("deployments", [])

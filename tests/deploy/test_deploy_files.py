@@ -74,7 +74,7 @@ CONTRACT_ENV = {
     "MARCHE_DEFAULT_MODE",
     "MARCHE_RANDOM_WEIGHTS",
 }
-IMPORT_PATH = "service.ray_app:app"
+IMPORT_PATH = "service.ray_serve.app:app"
 
 
 def load_yaml(path: Path) -> Any:

@@ -44,7 +44,7 @@ def test_ray_exports_exact_means_and_zero_series(exporter):
         def record(self) -> None:
             from engine.decode.policy import MODES
             from service.metrics import Metrics
-            from service.ray_app import RayBackend
+            from service.ray_serve.app import RayBackend
 
             self.metrics = Metrics(RayBackend(), "digits", MODES)
             for size in BATCHES:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import build_app
+from service.http.app import build_app
 from service.settings import ServiceSettings
 
 FAST = {"steps": 4}  # few decoding steps keep CPU tests quick; the model is the real one

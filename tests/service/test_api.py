@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.core.scheduler import ContinuousScheduler
 from service.metrics import METRIC_NAMES
-from service.scheduler import ContinuousScheduler
 from tests.service.conftest import FAST, make_client
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +130,8 @@ def test_same_seed_same_image_alone_or_in_a_batch():
 
 def test_concurrent_requests_are_batched_and_metered(client):
     worker = client.app.state.client.worker
-    knobs = {"max_batch_size": worker.max_batch_size, "max_wait_ms": worker.max_wait_s * 1000}
+    queue = worker.queue
+    knobs = {"max_batch_size": queue.max_batch_size, "max_wait_ms": queue.max_wait_s * 1000}
     worker.configure(max_batch_size=3, max_wait_ms=2000.0)
     try:  # at most 3 rows per step; 6 concurrent requests share steps
         with ThreadPoolExecutor(6) as pool:

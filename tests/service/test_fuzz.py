@@ -17,10 +17,10 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from service.app import build_app  # noqa: E402
-from service.engine_client import EngineRequest  # noqa: E402
+from service.core.client import EngineRequest  # noqa: E402
+from service.core.worker import JobResult  # noqa: E402
+from service.http.app import build_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
-from service.worker import JobResult  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MARCHE_FUZZ_EXAMPLES", "300"))
 

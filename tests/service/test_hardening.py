@@ -9,8 +9,8 @@ import time
 import pytest
 
 from engine.model.config import SamplingParams
+from service.core.worker import EngineWorker, Job, QueueFull
 from service.metrics import Metrics, PrometheusBackend
-from service.worker import EngineWorker, Job, QueueFull
 from tests.service.conftest import FAST, make_client
 from tests.service.test_api import metric_value, wait_ready
 
@@ -124,7 +124,7 @@ def test_retry_after_follows_the_queue():
         worker.submit(Job(1, [0], SamplingParams(4, 1.0), "marche", now + 60))
     assert info.value.retry_after in (8, 9)  # 16 images ahead at ~2 images/s (ceil)
     empty = EngineWorker(None, queue_size=1, scheduler="static", retry_after_s=3)
-    with empty._cond:
+    with empty.queue.cond:
         assert empty.retry_after_s() == 3  # no throughput measured yet: the floor
 
 
@@ -179,7 +179,7 @@ class DyingEngine:
 def test_an_unexpected_engine_failure_is_a_counted_json_500_or_an_error_event(caplog):
     from fastapi.testclient import TestClient
 
-    from service.app import build_app
+    from service.http.app import build_app
     from service.settings import ServiceSettings
 
     backend = PrometheusBackend()

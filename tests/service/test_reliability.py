@@ -165,7 +165,7 @@ def test_a_cancel_storm_leaves_the_counters_consistent_and_the_engine_alive(room
 
 SOAK_ROUNDS = max(3, int(os.environ.get("MARCHE_SOAK_ROUNDS", "3")))
 # idle RSS after load <= ready RSS + this. Measured on a 2-core VM, 5 rounds: +17..+21 MB
-# with the worker's idle heap trim (service/memory.py), +79..+101 MB without it; on CI's
+# with the worker's idle heap trim (service/core/memory.py), +79..+101 MB without it; on CI's
 # runner without it idle RSS rose 525 -> 626 MB in the third round (fragmented malloc
 # arenas, not live objects: the trim gives it back)
 SOAK_BOUND_MB = 150

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from engine.model.config import SamplingParams
+from service.core.worker import EngineError, EngineWorker, Job, JobCancelled
 from service.metrics import Metrics, PrometheusBackend
-from service.worker import EngineError, EngineWorker, Job, JobCancelled
 from tests.service.test_api import metric_value
 
 
@@ -197,7 +197,7 @@ def test_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fa
 
 def test_an_idle_engine_trims_the_heap_once_after_work(monkeypatch):
     trims: list[float] = []
-    monkeypatch.setattr("service.worker.trim_heap", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr("service.core.queue.trim_heap", lambda: trims.append(time.monotonic()))
     worker = EngineWorker(None, rows=FakeRows(), max_batch_size=4, idle_trim_s=0.05)
     worker.start(warmup=False)
     try:
@@ -218,6 +218,6 @@ def test_an_idle_engine_trims_the_heap_once_after_work(monkeypatch):
 
 
 def test_trim_heap_runs_here():
-    from service.memory import trim_heap
+    from service.core.memory import trim_heap
 
     assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # glibc has malloc_trim

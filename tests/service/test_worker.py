@@ -9,8 +9,8 @@ import pytest
 
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
+from service.core.worker import EngineWorker, Job, JobCancelled
 from service.metrics import Metrics, PrometheusBackend
-from service.worker import EngineWorker, Job, JobCancelled
 from tests.service.test_api import metric_value
 
 PARAMS = SamplingParams(num_iter=8, cfg=3.0)

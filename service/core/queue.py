@@ -1,0 +1,142 @@
+"""The jobs that the HTTP side and the worker thread share, under one lock.
+
+HTTP handlers `submit()` and `cancel()` from any thread; the worker thread's scheduler admits
+from `waiting` (FIFO), keeps `running` (job -> its rows) and blocks in `wait_for_work()` when
+there is nothing to do. Every change of the two collections happens with `cond` held.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from service.core.jobs import Job, JobCancelled, QueueFull
+from service.core.memory import trim_heap
+from service.metrics import Metrics
+
+
+class JobQueue:
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        max_batch_size: int,
+        max_wait_s: float,
+        metrics: Metrics | None = None,
+        retry_after_s: int = 1,
+        idle_trim_s: float = 1.0,
+    ) -> None:
+        self.queue_size, self.max_batch_size = queue_size, max_batch_size
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        self.min_retry_after_s = retry_after_s
+        self.idle_trim_s = idle_trim_s  # idle this long after work: give freed heap back
+        self.cond = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
+        self.stopping = False
+        self._worked = False  # work arrived since the heap was last trimmed
+        self._completed: deque[tuple[float, int]] = deque()  # (time, images) of recent jobs
+
+    # -- the HTTP side (any thread) --------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the engine is shutting down")
+            if len(self.waiting) >= self.queue_size:
+                if self.metrics:
+                    self.metrics.rejected("queue_full")
+                retry = self.retry_after_s()
+                raise QueueFull(f"queue full ({self.queue_size} requests waiting)", retry)
+            self.waiting.append(job)
+            self._worked = True
+            self.publish_state()
+            self.cond.notify_all()
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Drop a job: at once if queued, at the next step boundary if running."""
+        with self.cond:
+            if job.cancel_reason is None:
+                job.cancel_reason = reason
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.drop(job)
+                self.publish_state()
+
+    def drain(self) -> None:
+        """Accept nothing more and answer every queued job at once (503)."""
+        with self.cond:
+            self.stopping = True
+            self.refuse_waiting()
+            self.publish_state()
+            self.cond.notify_all()
+
+    def refuse_waiting(self) -> None:
+        """503 for every queued job (shutting down: nothing accepted is silently lost)."""
+        with self.cond:
+            while self.waiting:
+                self.waiting.popleft().fail(QueueFull("the engine is shutting down"))
+
+    def note_images(self, count: int, at: float | None = None) -> None:
+        """Images finished (any thread): the throughput Retry-After is derived from."""
+        with self.cond:
+            self._completed.append((time.monotonic() if at is None else at, count))
+
+    def retry_after_s(self, window_s: float = 60.0) -> int:
+        """Seconds until the images ahead of a new request are likely done: images queued and
+        running ÷ images/s over the last `window_s` (at least `min_retry_after_s`, at most
+        10 min). Call with the lock held."""
+        now = time.monotonic()
+        while self._completed and now - self._completed[0][0] > window_s:
+            self._completed.popleft()
+        ahead = sum(len(j.seeds) for j in self.waiting) + sum(len(j.seeds) for j in self.running)
+        if len(self._completed) < 2 or now <= self._completed[0][0]:
+            return self.min_retry_after_s
+        rate = sum(n for _, n in self._completed) / (now - self._completed[0][0])
+        return int(min(600, max(self.min_retry_after_s, math.ceil(ahead / rate))))
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self.cond:
+            return len(self.running), len(self.waiting)
+
+    # -- the worker thread (with `cond` held) ----------------------------------------------------
+
+    def wait_for_work(self) -> None:
+        """Block until something may have changed. Once the engine has been idle
+        `idle_trim_s` after work, return the heap that work freed to the OS."""
+        if not self._worked:
+            self.cond.wait()
+        elif not self.cond.wait(timeout=self.idle_trim_s):
+            self._worked = False
+            self.cond.release()  # trimming takes milliseconds: don't hold up submit()
+            try:
+                trim_heap()
+            finally:
+                self.cond.acquire()
+
+    def expire_waiting(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self.waiting if j.deadline <= now]:
+            job.cancel_reason = job.cancel_reason or "deadline"
+            self.waiting.remove(job)
+            self.drop(job)
+        self.publish_state()
+
+    def drop(self, job: Job) -> None:
+        reason = job.cancel_reason or "disconnected"
+        if job.fail(JobCancelled(reason)) and self.metrics:
+            self.metrics.cancelled(job.mode, reason)
+
+    def wanted(self, job: Job, now: float) -> bool:
+        if job.cancel_reason is None and job.deadline <= now:
+            job.cancel_reason = "deadline"
+        return job.cancel_reason is None
+
+    def publish_state(self) -> None:
+        if self.metrics:
+            self.metrics.queue_state(len(self.running), len(self.waiting))
