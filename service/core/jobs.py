@@ -71,7 +71,13 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     cancel_reason: str | None = None
     started_at: float | None = None  # when its first step began (continuous)
+    steps_done: int = 0  # decoding steps its images have taken
     closed: bool = False  # answered or dropped (counted once, whatever the future's state)
+
+    @property
+    def work_left(self) -> int:
+        """Image-steps still to run: images × steps not yet taken (the unit of engine work)."""
+        return len(self.seeds) * max(0, self.params.num_iter - self.steps_done)
 
     @property
     def key(self) -> tuple[int, str]:

@@ -3,6 +3,16 @@
 HTTP handlers `submit()` and `cancel()` from any thread; the worker thread's scheduler admits
 from `waiting` (FIFO), keeps `running` (job -> its rows) and blocks in `wait_for_work()` when
 there is nothing to do. Every change of the two collections happens with `cond` held.
+
+The queue also knows how much work it holds, in **image-steps** (one image advanced one
+decoding step: a 4-image 32-step request is 128), and how long a step takes (`StepTime`:
+measured at warm-up, then a moving average). From the two, the wait a new request would see:
+
+    wait_s = step_s × ceil(image_steps_ahead / rows_at_once)
+
+where `image_steps_ahead` is what the queued and running jobs still have to run and
+`rows_at_once` the images one step decodes together (`max_batch_size`). A 503's Retry-After is
+that wait, rounded up, at least `MARCHE_RETRY_AFTER_S` and at most 10 minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +26,21 @@ from typing import Any
 from service.core.jobs import Job, JobCancelled, QueueFull
 from service.core.memory import trim_heap
 from service.metrics import Metrics
+
+
+class StepTime:
+    """Seconds per engine step: the first measurement (warm-up), then an exponential moving
+    average over every step (`alpha`: the weight of the newest)."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.seconds: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        if self.seconds is None:
+            self.seconds = seconds
+        else:
+            self.seconds += self.alpha * (seconds - self.seconds)
 
 
 class JobQueue:
@@ -38,8 +63,8 @@ class JobQueue:
         self.waiting: deque[Job] = deque()
         self.running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
         self.stopping = False
+        self.step_time = StepTime()
         self._worked = False  # work arrived since the heap was last trimmed
-        self._completed: deque[tuple[float, int]] = deque()  # (time, images) of recent jobs
 
     # -- the HTTP side (any thread) --------------------------------------------------------------
 
@@ -81,23 +106,26 @@ class JobQueue:
             while self.waiting:
                 self.waiting.popleft().fail(QueueFull("the engine is shutting down"))
 
-    def note_images(self, count: int, at: float | None = None) -> None:
-        """Images finished (any thread): the throughput Retry-After is derived from."""
+    def image_steps(self) -> int:
+        """Work the queued and running jobs still have to run, in image-steps."""
         with self.cond:
-            self._completed.append((time.monotonic() if at is None else at, count))
+            return sum(j.work_left for j in self.waiting) + sum(j.work_left for j in self.running)
 
-    def retry_after_s(self, window_s: float = 60.0) -> int:
-        """Seconds until the images ahead of a new request are likely done: images queued and
-        running ÷ images/s over the last `window_s` (at least `min_retry_after_s`, at most
-        10 min). Call with the lock held."""
-        now = time.monotonic()
-        while self._completed and now - self._completed[0][0] > window_s:
-            self._completed.popleft()
-        ahead = sum(len(j.seeds) for j in self.waiting) + sum(len(j.seeds) for j in self.running)
-        if len(self._completed) < 2 or now <= self._completed[0][0]:
+    def expected_wait_s(self) -> float | None:
+        """Seconds a request accepted now would wait for the work ahead of it (the module's
+        formula); None before any step was timed."""
+        step_s = self.step_time.seconds
+        if step_s is None:
+            return None
+        return step_s * math.ceil(self.image_steps() / max(1, self.max_batch_size))
+
+    def retry_after_s(self) -> int:
+        """Retry-After of a 503: the expected wait, rounded up, within
+        [`min_retry_after_s`, 600]."""
+        wait = self.expected_wait_s()
+        if wait is None:
             return self.min_retry_after_s
-        rate = sum(n for _, n in self._completed) / (now - self._completed[0][0])
-        return int(min(600, max(self.min_retry_after_s, math.ceil(ahead / rate))))
+        return int(min(600, max(self.min_retry_after_s, math.ceil(wait))))
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""

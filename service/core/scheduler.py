@@ -38,14 +38,20 @@ class ContinuousScheduler:
     def __init__(self, queue: JobQueue, rows: RowEngine, preview_every: int = 4) -> None:
         self.queue, self.rows, self.preview_every = queue, rows, preview_every
 
-    def warmup(self) -> None:
-        """One 2-step row per mode in one batch: allocates the cache pool, picks kernels."""
-        params = SamplingParams(num_iter=2, cfg=2.0)
-        jobs = [Job(0, [0], params, mode, float("inf")) for mode in MODES]
+    def warmup(self, params: SamplingParams, steps: int = 3) -> None:
+        """The first `steps` steps of `max_batch_size` rows of `params` (the model's defaults),
+        the modes in turn, then one image decoded: allocates the cache pool, picks kernels and
+        times a full-width serving step, the queue's first step-time estimate. (A 2-step run
+        would predict every token in two steps: far heavier steps than serving ones.)"""
+        width = min(self.queue.max_batch_size, self.rows.capacity)
+        jobs = [Job(0, [i], params, MODES[i % len(MODES)], float("inf")) for i in range(width)]
         rows = [row for job in jobs for row in self.rows.admit(job)]
-        while not all(self.rows.finished(r) for r in rows):
+        for _ in range(max(1, min(steps, params.num_iter))):
+            started = time.monotonic()
             self.rows.step(rows)
-        self.rows.images(rows)
+            seconds = time.monotonic() - started
+        self.queue.step_time.observe(seconds)  # the last one: kernels picked, pool warm
+        self.rows.images(rows[:1])
         self.rows.release(rows)
 
     def run(self) -> None:
@@ -80,8 +86,11 @@ class ContinuousScheduler:
                     running.clear()
                 continue
             # 3. update: metrics, finished jobs, progress
-            self._observe_step(running, batch, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            q.step_time.observe(seconds)
+            self._observe_step(running, batch, seconds)
             for job, rows in list(running.items()):
+                job.steps_done += 1
                 if job.on_event is not None:
                     step, total, done, seq_len = self.rows.progress(rows[0])
                     preview = partial(self.rows.preview, rows[0])
@@ -142,10 +151,8 @@ class ContinuousScheduler:
         now = time.monotonic()
         started = job.started_at or job.enqueued_at
         result = JobResult(images, job.seeds, started - job.enqueued_at, now - started, batch_size)
-        if job.succeed(result):
-            self.queue.note_images(len(rows))
-            if self.queue.metrics:
-                self.queue.metrics.images(job.mode, len(rows))
+        if job.succeed(result) and self.queue.metrics:
+            self.queue.metrics.images(job.mode, len(rows))
 
 
 class StaticScheduler:
@@ -155,12 +162,27 @@ class StaticScheduler:
         self.queue, self.pipeline, self.marche = queue, pipeline, marche
         self.preview_every = preview_every
 
-    def warmup(self) -> None:
-        """One small generation per mode (allocates, and on CUDA picks kernels)."""
-        params = SamplingParams(num_iter=2, cfg=2.0)
+    def warmup(self, params: SamplingParams, steps: int = 3) -> None:
+        """One small generation per mode (allocates, and on CUDA picks kernels), then the
+        first `steps` steps of a `max_batch_size` batch of `params` in exact MAR (the costliest
+        mode: a cautious first step-time estimate for the queue)."""
         for mode in MODES:
             policy = make_policy(mode, self.marche)
-            self.pipeline.generate([0], [0], params=params, policy=policy)
+            self.pipeline.generate([0], [0], params=SamplingParams(num_iter=2, cfg=2.0),
+                                   policy=policy)  # fmt: skip
+        width, times, last = self.queue.max_batch_size, [], time.monotonic()
+
+        def on_step(info: StepInfo) -> list[bool] | None:
+            nonlocal last
+            now = time.monotonic()
+            times.append(now - last)
+            last = now
+            return [False] * width if len(times) >= steps else None
+
+        policy = make_policy("mar", self.marche)
+        classes, seeds = [0] * width, list(range(width))
+        self.pipeline.generate_tokens(classes, seeds, params=params, policy=policy, on_step=on_step)
+        self.queue.step_time.observe(times[-1])
 
     def run(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -211,10 +233,13 @@ class StaticScheduler:
         def on_step(info: StepInfo) -> list[bool] | None:
             nonlocal last, owners
             now = time.monotonic()
+            q.step_time.observe(now - last)
             if q.metrics:
                 q.metrics.step(mode, now - last)
                 q.metrics.occupancy(len(owners))
             last = now
+            for job in owners:
+                job.steps_done = info.step + 1
             row = 0
             for job in dict.fromkeys(owners):
                 tokens = info.tokens[row : row + 1]
@@ -254,10 +279,8 @@ class StaticScheduler:
                 images[row : row + n], job.seeds, started - job.enqueued_at, elapsed, len(owners)
             )
             row += n
-            if job.succeed(result):
-                q.note_images(n)
-                if q.metrics:
-                    q.metrics.images(mode, n)
+            if job.succeed(result) and q.metrics:
+                q.metrics.images(mode, n)
         self._finish_batch()
 
     def _finish_batch(self) -> None:

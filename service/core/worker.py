@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import Future
 
 from engine.decode.marche import MarcheConfig
+from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 from service.core.jobs import MAX_IMAGES, EngineError, Job, JobCancelled, JobResult, QueueFull
 from service.core.queue import JobQueue
@@ -54,10 +55,12 @@ class EngineWorker:
         rows: RowEngine | None = None,
         retry_after_s: int = 1,
         idle_trim_s: float = 1.0,
+        warmup_params: SamplingParams | None = None,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
         self.pipeline = pipeline
+        self.warmup_params = warmup_params  # None: the model's defaults
         self.marche = marche or MarcheConfig()
         self.metrics = metrics
         self.ready = False
@@ -114,14 +117,9 @@ class EngineWorker:
         """Drop a job: at once if queued, at the next step boundary if running."""
         self.queue.cancel(job, reason)
 
-    def note_images(self, count: int, at: float | None = None) -> None:
-        """Images finished (any thread): the throughput Retry-After is derived from."""
-        self.queue.note_images(count, at)
-
-    def retry_after_s(self, window_s: float = 60.0) -> int:
+    def retry_after_s(self) -> int:
         """Seconds a refused request should wait (`JobQueue.retry_after_s`)."""
-        with self.queue.cond:
-            return self.queue.retry_after_s(window_s)
+        return self.queue.retry_after_s()
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
@@ -136,7 +134,7 @@ class EngineWorker:
     def _loop(self, warmup: bool) -> None:
         if warmup:
             try:
-                self._scheduler.warmup()
+                self._scheduler.warmup(self.warmup_params or self.pipeline.spec.defaults)
             except Exception as exc:  # noqa: BLE001 - reported through /readyz
                 log.exception("warmup failed")
                 self.last_error = f"warmup failed: {exc}"

@@ -215,7 +215,9 @@ def test_full_queue_is_503_with_retry_after_and_nothing_accepted_is_lost():
         shed = c.post("/generate", json={"class_id": 5, **FAST})
         codes = [f.result().status_code for f in accepted]
         assert shed.status_code == 503 and codes == [200, 200]
-        assert shed.headers["retry-after"] == "1" and "queue full" in shed.json()["detail"]
+        # a cold server (nothing completed yet) still estimates the real wait, not 1 s
+        # (the formula is checked exactly in test_retry_after.py)
+        assert 1 < int(shed.headers["retry-after"]) <= 600 and "queue full" in shed.json()["detail"]
         assert metric_value(c.get("/metrics").text, "marche_rejections_total") == 1
 
 
@@ -241,9 +243,9 @@ def test_readiness_is_503_until_warmup_finishes(monkeypatch):
     gate = threading.Event()
     original = ContinuousScheduler.warmup
 
-    def gated(self):
+    def gated(self, *args, **kwargs):
         gate.wait(30)
-        original(self)
+        original(self, *args, **kwargs)
 
     monkeypatch.setattr(ContinuousScheduler, "warmup", gated)
     with make_client() as c:
@@ -257,5 +259,5 @@ def test_readiness_is_503_until_warmup_finishes(monkeypatch):
 def test_stream_with_a_full_queue_is_a_plain_503():
     with full_queue() as (c, accepted):
         r = c.post("/generate/stream", json={"class_id": 1, **FAST})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.status_code == 503 and 1 < int(r.headers["retry-after"]) <= 600
         assert all(f.result().status_code == 200 for f in accepted)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.model.config import SamplingParams
-from service.core.worker import EngineWorker, Job, QueueFull
+from service.core.worker import EngineWorker, Job
 from service.metrics import Metrics, PrometheusBackend
 from tests.service.conftest import FAST, make_client
 from tests.service.test_api import metric_value, wait_ready
@@ -111,21 +111,6 @@ def test_a_dropped_request_whose_future_was_cancelled_is_counted_once():
     worker.cancel(job, "disconnected")
     text = backend.render().decode()
     assert metric_value(text, "marche_cancellations_total", reason="disconnected") == 1
-
-
-def test_retry_after_follows_the_queue():
-    worker = EngineWorker(None, queue_size=2, scheduler="static", retry_after_s=1)
-    now = time.monotonic()
-    worker.note_images(10, at=now - 10)
-    worker.note_images(10, at=now)  # 20 images in 10 s: 2 images/s
-    for _ in range(2):
-        worker.submit(Job(1, list(range(8)), SamplingParams(4, 1.0), "marche", now + 60))
-    with pytest.raises(QueueFull) as info:
-        worker.submit(Job(1, [0], SamplingParams(4, 1.0), "marche", now + 60))
-    assert info.value.retry_after in (8, 9)  # 16 images ahead at ~2 images/s (ceil)
-    empty = EngineWorker(None, queue_size=1, scheduler="static", retry_after_s=3)
-    with empty.queue.cond:
-        assert empty.retry_after_s() == 3  # no throughput measured yet: the floor
 
 
 def test_a_stream_closed_early_logs_no_unretrieved_exception(caplog):
