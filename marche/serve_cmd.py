@@ -9,8 +9,6 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_SERVE_CONFIG = Path("deploy/serve_config.yaml")
-
 
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -28,8 +26,20 @@ def serve(
     queue_size: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="run under Ray Serve")] = False,
     config: Annotated[
-        Path, typer.Option(help="Ray Serve config file (with --ray)")
-    ] = DEFAULT_SERVE_CONFIG,
+        Path | None,
+        typer.Option(help="with --ray: Serve config file (default: the packaged one)"),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="with --ray: exactly N engine replicas (default: autoscale "
+            "up to the visible GPUs; CPU: 1)",
+        ),
+    ] = None,
+    router: Annotated[
+        str | None, typer.Option(help="with --ray: work (least outstanding work) or default")
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(help="with --ray: port of Ray's metrics exporter (ray_marche_*)")
     ] = 8080,
@@ -45,15 +55,16 @@ def serve(
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "queue_size": queue_size,
+        "router": router,
     }
     # the environment is how settings reach Ray replicas too, so set it for both runtimes
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"MARCHE_{name.upper()}"] = str(value)
     if ray:
-        from service.ray_serve.app import run
+        from service.ray_serve.run import run
 
-        run(config, host=host, port=port, metrics_port=metrics_port)
+        run(config, host=host, port=port, metrics_port=metrics_port, replicas=replicas)
         return
     import uvicorn
 

@@ -65,6 +65,16 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_admissions_total", "counter",
                "Requests admitted to the running batch; mid_flight=true: joined a batch that "
                "was already decoding (continuous batching).", ("model", "mode", "mid_flight")),
+    MetricSpec("marche_engine_retries_total", "counter",
+               "Ray runtime: engine calls sent again by the ingress (queue_full: spilled to "
+               "another replica; replica_lost: its replica died before answering).",
+               ("model", "reason")),
+    MetricSpec("marche_outstanding_image_steps", "gauge",
+               "Work the queued and running requests still have to run, in image-steps.",
+               ("model",)),
+    MetricSpec("marche_expected_wait_seconds", "gauge",
+               "Wait a request accepted now would see: step time x ceil(image-steps / rows).",
+               ("model",)),
     MetricSpec("marche_requests_running", "gauge", "Requests in the batch being decoded.",
                ("model",)),
     MetricSpec("marche_requests_waiting", "gauge", "Requests accepted and queued.", ("model",)),
@@ -113,6 +123,7 @@ class PrometheusBackend:
 # creates it reads 0 (a burst of 503s would never show on the dashboard).
 STATUSES = ("200", "422", "499", "500", "503", "504")
 REJECTIONS = ("queue_full",)
+RETRIES = ("queue_full", "replica_lost")
 CANCELLATIONS = ("disconnected", "deadline")
 
 
@@ -133,6 +144,8 @@ class Metrics:
                 self._labels("marche_admissions_total", mode=mode, mid_flight=flag).inc(0)
         for reason in REJECTIONS:
             self._labels("marche_rejections_total", reason=reason).inc(0)
+        for reason in RETRIES:
+            self._labels("marche_engine_retries_total", reason=reason).inc(0)
 
     def _labels(self, name: str, **tags: str) -> Any:
         return self._m[name].labels(model=self.model, **tags)
@@ -179,6 +192,13 @@ class Metrics:
     def images(self, mode: str, count: int) -> None:
         self._labels("marche_images_generated_total", mode=mode).inc(count)
 
-    def queue_state(self, running: int, waiting: int) -> None:
+    def retried(self, reason: str) -> None:
+        self._labels("marche_engine_retries_total", reason=reason).inc()
+
+    def queue_state(
+        self, running: int, waiting: int, image_steps: int = 0, wait_s: float | None = None
+    ) -> None:
         self._labels("marche_requests_running").set(running)
         self._labels("marche_requests_waiting").set(waiting)
+        self._labels("marche_outstanding_image_steps").set(image_steps)
+        self._labels("marche_expected_wait_seconds").set(wait_s or 0.0)

@@ -24,6 +24,11 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
+    torch_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
+
+    # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;
+    # default: Ray's power of two choices on request counts)
+    router: Literal["work", "default"] = "work"
 
     # the engine worker
     scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches

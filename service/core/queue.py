@@ -111,6 +111,11 @@ class JobQueue:
         with self.cond:
             return sum(j.work_left for j in self.waiting) + sum(j.work_left for j in self.running)
 
+    def rows_in_use(self) -> int:
+        """Images of the running jobs (each holds a row of the engine's batch)."""
+        with self.cond:
+            return sum(len(j.seeds) for j in self.running)
+
     def expected_wait_s(self) -> float | None:
         """Seconds a request accepted now would wait for the work ahead of it (the module's
         formula); None before any step was timed."""
@@ -167,4 +172,6 @@ class JobQueue:
 
     def publish_state(self) -> None:
         if self.metrics:
-            self.metrics.queue_state(len(self.running), len(self.waiting))
+            self.metrics.queue_state(
+                len(self.running), len(self.waiting), self.image_steps(), self.expected_wait_s()
+            )

@@ -1,0 +1,113 @@
+"""Work-aware routing of engine requests, on Ray Serve 2.60's request-router API.
+
+Ray's default router (power of two choices on ongoing *request counts*) treats a 1-image 16-step
+request like a 16-image 256-step one, 256× the work. Here each engine replica reports its
+outstanding work through `record_routing_stats` (`MarcheEngine.routing_stats`):
+
+    {"seq": n, "image_steps": queued + running image-steps, "free_rows": rows free now,
+     "step_s": its step time, "rows": rows per step}
+
+and the router sends each request to the replica whose work would clear first:
+
+    load(r) = (reported image_steps(r) + image-steps this router sent r since that report)
+              × step_s(r) / rows(r)
+
+Replicas come back ranked one per rank, best first: Ray's base class takes the first whose
+ongoing requests are under `max_ongoing_requests`, so a full replica spills to the next.
+Replicas that already refused this request (queue full: the `avoid` keyword) rank last. When
+any candidate's stats are missing or stale (no new report for `stale_after_s`), the router
+falls back to Ray's default choice among all candidates (one rank: least queue length).
+
+A router runs in every process that holds a handle (each ingress replica) and corrects only
+for its own sends. Serve pickles this module by value; what it records for `/info` goes to
+`service.ray_serve.view`, imported by reference, so the ingress in the same process reads it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from service.ray_serve import view
+
+ROUTER_PATH = "service.ray_serve.router:LeastWorkRouter"
+
+
+class WorkBook:
+    """What one router knows of each replica's outstanding work (no Ray in here)."""
+
+    def __init__(self, stale_after_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.stale_after_s, self.clock = stale_after_s, clock
+        self._seen: dict[str, tuple[Any, float]] = {}  # replica -> (seq, when first seen)
+        self._sent: dict[str, float] = {}  # replica -> image-steps sent since that report
+
+    def load(self, replica: str, stats: dict[str, Any]) -> float | None:
+        """Seconds of work ahead on `replica` (None: no fresh report)."""
+        if "seq" not in stats:
+            return None
+        now = self.clock()
+        if self._seen.get(replica, (None,))[0] != stats["seq"]:  # a new report: it counts
+            self._seen[replica] = (stats["seq"], now)  # what was sent before it was taken
+            self._sent[replica] = 0.0
+        if now - self._seen[replica][1] > self.stale_after_s:
+            return None
+        work = stats["image_steps"] + self._sent[replica]
+        step_s = stats.get("step_s") or 1.0  # not timed yet: rank by work alone
+        return work * step_s / max(1, stats.get("rows") or 1)
+
+    def rank(self, replicas: dict[str, dict[str, Any]], avoid: Iterable[str] = ()) -> list[str]:
+        """Replica ids, best first; [] when any report is missing or stale (use the default)."""
+        loads = {r: self.load(r, stats) for r, stats in replicas.items()}
+        if not loads or any(load is None for load in loads.values()):
+            return []
+        avoided = set(avoid)
+        order = list(loads)
+        random.shuffle(order)  # equal loads (say, all idle): spread, not always the first
+        return sorted(order, key=lambda r: (r in avoided, loads[r]))
+
+    def sent(self, replica: str, image_steps: float) -> None:
+        self._sent[replica] = self._sent.get(replica, 0.0) + image_steps
+
+    def forget(self, alive: Iterable[str]) -> None:
+        keep = set(alive)
+        for book in (self._seen, self._sent):
+            for replica in [r for r in book if r not in keep]:
+                del book[replica]
+
+
+class LeastWorkRouter(RequestRouter):
+    """Least outstanding work first (no FIFOMixin: it would hand a replica chosen for one
+    request to another request of a different cost)."""
+
+    def initialize_state(self, stale_after_s: float = 2.0) -> None:
+        self.book = WorkBook(stale_after_s)
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:  # all full: back off before asking again (no spin)
+            pending_request.routing_context.should_backoff = True
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        stats = {rid: dict(r.routing_stats or {}) for rid, r in by_id.items()}
+        avoid = pending_request.kwargs.get("avoid", ()) if pending_request else ()
+        ranked = self.book.rank(stats, avoid)
+        view.record(stats, {rid: self.book.load(rid, s) for rid, s in stats.items()})
+        if not ranked:
+            return [candidate_replicas]  # stale: Ray's default (least queue length)
+        return [[by_id[rid]] for rid in ranked]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        self.book.sent(replica_id.unique_id, float(pending_request.kwargs.get("work", 0)))
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)  # a new replica set: forget the ones that left
+        self.book.forget(r.replica_id.unique_id for r in replicas)
+        view.forget({r.replica_id.unique_id for r in replicas})
