@@ -1,8 +1,15 @@
 #!/bin/sh
 # The image's default command: a one-node Ray cluster, then the Serve application of
-# deploy/serve_config.yaml in it, in the foreground (replica logs go to stdout).
+# deploy/serve_config.yaml in it (`marche serve --ray` connected to that cluster), in the
+# foreground (replica logs go to stdout).
+#
+# Engine replicas: one per GPU the cluster sees. By default the engine autoscales on work
+# between the config's min_replicas and every visible GPU (capped by its max_replicas), starting
+# with all of them; MARCHE_REPLICAS=N fixes N replicas instead. Which GPUs are visible is the
+# container's business (compose: `count: all`; docker run: --gpus).
 #
 #   MARCHE_SERVE_CONFIG      Serve config file (default /app/deploy/serve_config.yaml)
+#   MARCHE_REPLICAS          a fixed number of engine replicas (default: autoscale, see above)
 #   RAY_METRICS_EXPORT_PORT  Prometheus exporter of Ray and of the app's metrics (default 8080)
 #   RAY_START_ARGS           extra `ray start` flags, e.g. "--num-gpus=1" for a logical GPU
 #
@@ -16,6 +23,7 @@ metrics_port="${RAY_METRICS_EXPORT_PORT:-8080}"
 
 # shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags
 ray start --head \
+    --port=6379 \
     --metrics-export-port="${metrics_port}" \
     --dashboard-host=0.0.0.0 \
     --disable-usage-stats \
@@ -26,24 +34,22 @@ serve_pid=""
 stop() {
     trap - TERM INT
     echo "start-ray-serve: shutting down Serve (draining requests), then Ray" >&2
-    # serve.shutdown() waits (up to 30 s) for the controller's graceful shutdown; the
-    # `serve shutdown` CLI would only send the request and return.
-    python -c 'import ray; from ray import serve; ray.init(address="auto", log_to_driver=False); serve.shutdown()' || true
     if [ -n "${serve_pid}" ]; then
-        kill "${serve_pid}" 2>/dev/null || true
+        kill -TERM "${serve_pid}" 2>/dev/null || true  # marche serve --ray: serve.shutdown()
+        wait "${serve_pid}" || true
     fi
     ray stop --grace-period 10 || true
     exit 0
 }
 trap stop TERM INT
 
-serve run "${config}" &
+RAY_ADDRESS=127.0.0.1:6379 marche serve --ray --config "${config}" --host 0.0.0.0 --port 8000 &
 serve_pid=$!
 
 status=0
 wait "${serve_pid}" || status=$?
-# `serve run` ended on its own (bad config, lost cluster): stop Ray and report its status so the
-# container restarts.
-echo "start-ray-serve: serve run exited with status ${status}" >&2
+# marche serve --ray ended on its own (bad config, lost cluster): stop Ray and report its status
+# so the container restarts.
+echo "start-ray-serve: marche serve --ray exited with status ${status}" >&2
 ray stop --grace-period 10 || true
 exit "${status}"

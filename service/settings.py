@@ -29,6 +29,8 @@ class ServiceSettings(BaseSettings):
     # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;
     # default: Ray's power of two choices on request counts)
     router: Literal["work", "default"] = "work"
+    # Ray Serve: a fixed number of engine replicas (default: autoscale on work up to the GPUs)
+    replicas: int | None = Field(None, ge=1, description="engine replicas (Ray runtime)")
 
     # the engine worker
     scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches

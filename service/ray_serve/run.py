@@ -1,5 +1,6 @@
-"""`marche serve --ray`: a local Ray cluster owned by this process, the application deployed on
-it, sized to the machine, served until SIGTERM / SIGINT.
+"""`marche serve --ray`: the application deployed on Ray, sized to the machine, served until
+SIGTERM / SIGINT. Ray is a local cluster owned by this process, or, with RAY_ADDRESS set, a
+cluster started elsewhere (`ray start --head`, as the Docker image does), sized by its GPUs.
 
 How many engine replicas (one per GPU):
 * `--replicas N`: exactly N, autoscaling off;
@@ -86,17 +87,33 @@ def run(
     written to disk."""
     import torch
 
+    from service.settings import ServiceSettings
+
+    replicas = replicas or ServiceSettings().replicas  # --replicas, else MARCHE_REPLICAS
     spec = load_config(config or default_config())
     (application_spec,) = spec["applications"]
     options = {
         d["name"]: {k: v for k, v in d.items() if k != "name"}
         for d in application_spec.get("deployments", [])
     }
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    options, env = size_deployments(options, replicas, gpus, os.cpu_count() or 1)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster of someone else's: its GPUs and CPUs, our variables passed along
+        ray.init(address=address, namespace="serve")
+        resources = ray.cluster_resources()
+        gpus, cores = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cores = os.cpu_count() or 1
+    options, env = size_deployments(options, replicas, gpus, cores)
     os.environ.update(env)  # replicas of a local cluster inherit this environment
-
-    ray.init(namespace="serve", _metrics_export_port=metrics_port)
+    if address:
+        for deployment in options.values():  # ...replicas of an existing one get it this way
+            runtime_env = deployment.setdefault("ray_actor_options", {}).setdefault(
+                "runtime_env", {}
+            )
+            runtime_env.setdefault("env_vars", {}).update(env)
+    else:
+        ray.init(namespace="serve", _metrics_export_port=metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
@@ -116,4 +133,4 @@ def run(
         log.warning("shutting down: Serve drains its replicas, then Ray stops")
     finally:
         serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # a cluster started elsewhere: only disconnects

@@ -79,6 +79,7 @@ CONTRACT_ENV = {
     "MARCHE_REQUEST_TIMEOUT_S",
     "MARCHE_DEFAULT_MODE",
     "MARCHE_RANDOM_WEIGHTS",
+    "MARCHE_REPLICAS",
 }
 IMPORT_PATH = "service.ray_serve.app:app"
 
@@ -174,10 +175,11 @@ def test_compose_builds_the_root_dockerfile(services):
     assert (context / build.get("dockerfile", "Dockerfile")).is_file()
 
 
-def test_compose_reserves_one_nvidia_gpu(services):
+def test_compose_reserves_every_nvidia_gpu(services):
+    """One engine replica per visible GPU (the start script sizes the engine to them)."""
     devices = services["serve"]["deploy"]["resources"]["reservations"]["devices"]
     gpus = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d["capabilities"]]
-    assert len(gpus) == 1 and gpus[0]["count"] == 1
+    assert len(gpus) == 1 and gpus[0]["count"] == "all"
 
 
 def test_compose_serve_runtime_settings(services):
@@ -513,7 +515,11 @@ def test_rayservice_cluster_shape(rayservice, serve_config_v2):
     assert gpu_group["replicas"] >= 2 and gpu_group["minReplicas"] <= gpu_group["replicas"]
     assert {"name": "metrics", "containerPort": 8080} in worker["ports"]
     engine = deployments(serve_config_v2["applications"][0])["MarcheEngine"]
-    assert engine["num_replicas"] == gpu_group["replicas"]
+    scaling = engine["autoscaling_config"]  # Serve scales replicas by work, Ray adds GPU pods
+    assert "num_replicas" not in engine and cluster["enableInTreeAutoscaling"] is True
+    assert scaling["policy"]["policy_function"] == "service.ray_serve.autoscaling:WorkPolicy"
+    assert scaling["min_replicas"] == gpu_group["minReplicas"] <= gpu_group["replicas"]
+    assert scaling["max_replicas"] == gpu_group["maxReplicas"]
     for container in (head_container, worker):
         assert container["image"] == "marche-serve:latest"
         names = {e["name"] for e in container.get("env", []) if e["name"].startswith("MARCHE_")}
@@ -580,10 +586,11 @@ def test_dockerfile_installs_ray_extras_and_runs_the_ray_stack():
     assert users and users[-1] not in {"root", "0"}
 
 
-def test_start_script_starts_ray_then_serve_run():
+def test_start_script_starts_ray_then_marche_serve_on_it():
     script = START_SCRIPT.read_text()
     ray_start = script.index("ray start --head")
-    serve_run = script.index('serve run "${config}"')
+    serve_run = script.index('RAY_ADDRESS=127.0.0.1:6379 marche serve --ray --config "${config}"')
+    assert "--port=6379" in script[ray_start:serve_run]
     assert ray_start < serve_run
     for flag in ("--dashboard-host=0.0.0.0", "--disable-usage-stats", "--metrics-export-port"):
         assert flag in script[ray_start:serve_run], flag
