@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench fuzz soak
+.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ serve: install  ## the HTTP service with the shipped digits model (uvicorn, in-p
 	@echo "marche serve on $(SERVE_HOST):8000 (0.0.0.0 = every interface; SERVE_HOST=127.0.0.1 for loopback only)"
 	$(BIN)/marche serve --host $(SERVE_HOST) --port 8000
 
-serve-ray: install  ## the same app under Ray Serve (deploy/serve_config.yaml)
-	$(BIN)/marche serve --ray --host 0.0.0.0 --port 8000
+serve-ray: install  ## the same app under Ray Serve (one engine replica per GPU; REPLICAS=N)
+	$(BIN)/marche serve --ray --host 0.0.0.0 --port 8000 $(if $(REPLICAS),--replicas $(REPLICAS))
 
 demo: install  ## generate a grid of digits with the shipped model
 	$(BIN)/marche generate --class-id 3 --num 16 --seed 0 --scale 4 --out out/grid.png
@@ -95,6 +95,17 @@ LOCUST_ARGS ?=
 LOADBENCH_ARGS ?= --steps 32 --duration 90 --capacity-s 40
 loadbench: install  ## static vs continuous at 50/80/95% of capacity (~15 min on this CPU)
 	$(BIN)/python -m loadtest.loadbench $(LOADBENCH_ARGS) --out docs/results/loadbench
+
+# The scheduler in its regime: the same stack on a synthetic engine whose step time is flat in
+# rows (loadtest/flat_engine.py: MAR-B's H200 curve), continuous batching at 50/80/95 %.
+loadbench-flat: install  ## continuous batching on a flat-step engine (~6 min)
+	$(BIN)/python -m loadtest.loadbench --engine flat --schedulers continuous --steps 64 \
+		--duration 60 --capacity-s 30 --out docs/results/loadbench_flat
+
+# Scale-out on a local multi-node Ray cluster (fake GPUs): throughput 1 vs 2 replicas, default vs
+# work-aware routing, autoscaling, a rolling upgrade and a node loss under load. Run it alone.
+scale-bench: install  ## the scale-out proofs (~30 min on 2 cores; PHASES=routing for one)
+	$(BIN)/python -m loadtest.scale_bench $(if $(PHASES),--phases $(PHASES))
 
 loadtest: install  ## Locust headless against $(HOST); SLO report in loadtest/results/
 	mkdir -p loadtest/results

@@ -2,6 +2,11 @@
 
     python -m loadtest.loadbench                       # digits on this machine (make loadbench)
     MARCHE_MODEL=mar_base MARCHE_RANDOM_WEIGHTS=1 python -m loadtest.loadbench --steps 64
+    python -m loadtest.loadbench --engine flat --schedulers continuous   # make loadbench-flat
+
+`--engine flat` runs the same app, worker and scheduler on `loadtest.flat_engine`'s synthetic
+engine, whose step time is flat in rows as on a GPU at moderate batch (the curve and its source
+are in that module): the scheduler's own queueing, without this CPU's row-linear steps.
 
 For each scheduler it starts `marche serve --scheduler S` (one server at a time, so they
 never share the machine; any `MARCHE_*` variable reaches the server), then measures:
@@ -123,12 +128,17 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def server(scheduler: str, port: int, max_batch_size: int) -> Iterator[str]:
-    """`marche serve --scheduler S` on localhost:port until ready; stopped on exit."""
-    cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
-           "--port", str(port), "--scheduler", scheduler, "--max-batch-size",
-           str(max_batch_size), "--queue-size", "512"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+def server(scheduler: str, port: int, max_batch_size: int, engine: str = "real") -> Iterator[str]:
+    """`marche serve --scheduler S` on localhost:port until ready (`engine="flat"`: the same
+    app on `loadtest.flat_engine`'s synthetic engine); stopped on exit."""
+    env = os.environ | {"MARCHE_SCHEDULER": scheduler, "MARCHE_MAX_BATCH_SIZE": str(max_batch_size),
+                        "MARCHE_QUEUE_SIZE": "512"}  # fmt: skip
+    if engine == "flat":
+        cmd = [sys.executable, "-m", "loadtest.flat_engine", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
+               "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -155,7 +165,7 @@ def bench_scheduler(args, scheduler: str, reference: float | None) -> dict:
     def log(message: str) -> None:
         sys.stderr.write(f"[{scheduler}] {message}\n")
 
-    with server(scheduler, args.port, args.max_batch_size) as url:
+    with server(scheduler, args.port, args.max_batch_size, args.engine) as url:
         info = httpx.get(url + "/info", timeout=10).json()
         idle = []
         for i in range(args.idle_requests + 1):  # the first one is discarded
@@ -180,7 +190,8 @@ def bench_scheduler(args, scheduler: str, reference: float | None) -> dict:
             row |= {"offered_rps": round(load * rate_ref, 3)}
             loads[str(load)] = row
             log(f"load {load:.2f}: {row}")
-    return {"scheduler": scheduler, "model": info.get("model"), "idle_latency_s": round(idle_s, 3),
+    return {"scheduler": scheduler, "engine": args.engine, "model": info.get("model"),
+            "idle_latency_s": round(idle_s, 3),
             "capacity_rps": round(capacity, 3), "loads": loads}  # fmt: skip
 
 
@@ -243,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--engine", choices=("real", "flat"), default="real",
+                        help="flat: loadtest.flat_engine's synthetic engine, step time flat in "
+                        "rows (a GPU at moderate batch)")  # fmt: skip
     parser.add_argument("--out", default="docs/results/loadbench")
     args = parser.parse_args(argv)
     args.loads = [float(x) for x in args.loads.split(",")]

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 from service.core.jobs import Job, JobResult
+from service.core.rows import RowEngine
 from service.core.worker import EngineWorker
 from service.metrics import Metrics
 from service.settings import ServiceSettings
@@ -91,7 +92,14 @@ def load_pipeline(settings: ServiceSettings) -> Pipeline:
 class LocalEngineClient:
     """The engine in this process: a worker thread fed by asyncio handlers."""
 
-    def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        metrics: Metrics | None = None,
+        rows: RowEngine | None = None,
+    ) -> None:
+        """`rows`: another engine under the scheduler (the load bench's synthetic one); the
+        pipeline still gives the model's facts."""
         self.settings = settings
         self.pipeline = load_pipeline(settings)
         self.worker = EngineWorker(
@@ -104,6 +112,7 @@ class LocalEngineClient:
             preview_every=settings.preview_every,
             scheduler=settings.scheduler,
             retry_after_s=settings.retry_after_s,
+            rows=rows,
         )
         self._info = model_info(self.pipeline, settings)
 

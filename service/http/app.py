@@ -30,6 +30,7 @@ from engine.model.config import SamplingParams
 from engine.pipeline import MODELS
 from service.core.client import EngineClient, EngineRequest, LocalEngineClient
 from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull
+from service.core.rows import RowEngine
 from service.http.schemas import (
     MEDIA_TYPES,
     GenerateRequest,
@@ -106,8 +107,10 @@ def build_app(
     settings: ServiceSettings | None = None,
     client: EngineClient | None = None,
     metrics: Metrics | None = None,
+    rows: RowEngine | None = None,
 ) -> FastAPI:
-    """The app. Without `client`, it loads the model and runs the engine in-process."""
+    """The app. Without `client`, it loads the model and runs the engine in-process (on `rows`
+    when given: the load bench's synthetic engine)."""
     settings = settings or ServiceSettings()
     backend = PrometheusBackend() if metrics is None else None
     metrics = metrics or Metrics(backend, settings.model, MODES)
@@ -116,7 +119,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if local:
-            engine = LocalEngineClient(settings, metrics)
+            engine = LocalEngineClient(settings, metrics, rows)
             engine.start()
             app.state.client = engine
         yield

@@ -322,3 +322,26 @@ def test_locust_smoke_against_marche_serve(tmp_path):
         assert slo.parse_prometheus(metrics).get("marche_step_rows_count", 0) > 0, metrics[:2000]
     finally:
         stop(server)
+
+
+def test_the_flat_engine_follows_its_curve_under_the_real_worker():
+    """loadtest.flat_engine: step time base + per_row x (rows - 1), driven by the real worker
+    and continuous scheduler; blank images of the served model's size."""
+    from engine.model.config import SamplingParams
+    from loadtest.flat_engine import FlatRows, image_shape
+    from service.core.jobs import Job
+    from service.core.worker import EngineWorker
+
+    rows = FlatRows(16, base_s=0.01, per_row_s=0.001, shape=image_shape("digits"))
+    assert rows.step_s(1) == 0.01 and rows.step_s(16) == pytest.approx(0.025)
+    worker = EngineWorker(None, rows=rows, max_batch_size=16,
+                          warmup_params=SamplingParams(num_iter=8, cfg=1.0))  # fmt: skip
+    worker.start(warmup=True)
+    try:
+        job = Job(3, [0, 1], SamplingParams(num_iter=4, cfg=1.0), "marche", time.monotonic() + 30)
+        result = worker.submit(job).result(30)
+        assert result.images.shape == (2, 32, 32, 1) and result.batch_size == 2
+        step_s = worker.queue.step_time.seconds
+        assert 0.01 <= step_s < 0.2  # the warm-up's 16-row steps, then 2-row ones
+    finally:
+        worker.stop(10)
