@@ -173,6 +173,10 @@ async def open_loop(plan: list[tuple[float, str]]) -> list[Sample]:
         return list(await asyncio.gather(*tasks))
 
 
+def quantile(values: list[float], q: float) -> float | None:
+    return round(percentile(values, q), 2) if values else None
+
+
 def summary(samples: list[Sample]) -> dict[str, Any]:
     small = [s.latency_s for s in samples if s.kind == "small" and s.status == 200]
     large = [s.latency_s for s in samples if s.kind == "large" and s.status == 200]
@@ -184,10 +188,10 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
         "requests": len(samples),
         "ok": len(ok),
         "statuses": {str(c): sum(s.status == c for s in samples) for c in codes},
-        "small_p50_s": round(percentile(small, 0.5), 2),
-        "small_p99_s": round(percentile(small, 0.99), 2),
-        "large_p50_s": round(percentile(large, 0.5), 2),
-        "large_p99_s": round(percentile(large, 0.99), 2),
+        "small_p50_s": quantile(small, 0.5),
+        "small_p99_s": quantile(small, 0.99),
+        "large_p50_s": quantile(large, 0.5),
+        "large_p99_s": quantile(large, 0.99),
         "images_per_s": round(images / span, 3) if span else 0.0,
     }
 
@@ -265,7 +269,8 @@ def phase_autoscale(args) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             nonlocal stop
             watcher = asyncio.create_task(watch())
-            load = await closed_loop(args.clients, args.step_duration)  # the load step
+            # the load step: twice the clients one replica's batch holds, so work queues up
+            load = await closed_loop(args.step_clients, args.step_duration)
             idle_from = time.perf_counter() - t0
             while time.perf_counter() - t0 < idle_from + args.idle_duration:
                 await asyncio.sleep(1)
@@ -378,14 +383,49 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Routing (small and large requests' p50/p99 per router) and autoscaling (replicas over
+    time, the load step shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    routing = results.get("routing", {})
+    routers = [r for r in ("default", "work") if r in routing]
+    keys = ("small_p50_s", "small_p99_s", "large_p50_s", "large_p99_s")
+    for k, router in enumerate(routers):
+        xs = [i + (k - 0.5) * 0.38 for i in range(len(keys))]
+        ax.bar(xs, [routing[router][key] for key in keys], width=0.38, label=f"{router} router")
+    ax.set_xticks(range(len(keys)), [k.removesuffix("_s").replace("_", " ") for k in keys])
+    ax.set(ylabel="latency (s)", title="mixed load at 70 % of 2 replicas")
+    ax.legend(fontsize=8)
+    auto = results.get("autoscale", {})
+    if auto.get("timeline"):
+        times, counts = zip(*auto["timeline"], strict=True)
+        ax2.step(times, counts, where="post", label="running engine replicas")
+        ax2.axvspan(0, auto["idle_from_s"], alpha=0.15, color="tab:orange", label="load step")
+        ax2.set(xlabel="s", ylabel="replicas", yticks=[0, 1, 2], ylim=(0, 2.5),
+                title="autoscaling on work (min 1, max 2)")  # fmt: skip
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phases", default="throughput,routing,autoscale,upgrade,nodeloss")
+    parser.add_argument(
+        "--phases",
+        default="throughput,routing,autoscale,upgrade,nodeloss",
+        help="comma-separated; none: only the table and plot from the JSON",
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--routing-duration", type=float, default=240.0)
     parser.add_argument("--step-duration", type=float, default=60.0)
+    parser.add_argument("--step-clients", type=int, default=32)
     parser.add_argument("--idle-duration", type=float, default=90.0)
     parser.add_argument("--target-wait-s", type=float, default=5.0)
     parser.add_argument("--upgrade-duration", type=float, default=90.0)
@@ -393,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=float, help="2-replica images/s (skip throughput)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/scale_bench"))
     args = parser.parse_args(argv)
-    phases = args.phases.split(",")
+    phases = [p for p in args.phases.split(",") if p and p != "none"]
     path = args.out.with_suffix(".json")
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     capacity = args.capacity
@@ -416,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)) + "\n")
     args.out.with_suffix(".md").write_text(table(results))
+    plot(results, args.out.with_suffix(".png"))
     sys.stdout.write(table(results))
     return 0
 

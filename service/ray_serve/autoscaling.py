@@ -18,8 +18,11 @@ nothing that imports the engine (the controller has no `runtime_env` of the app)
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
+log = logging.getLogger("ray.serve")  # the controller's log: one line per changed decision
 POLICY_PATH = "service.ray_serve.autoscaling:WorkPolicy"
 
 
@@ -41,5 +44,8 @@ class WorkPolicy:
             per_request = wait / sum(requests.values()) if sum(requests.values()) else 0.0
             wait += queued * per_request
         desired = wait / self.target_wait_s
-        state.update(work_s=round(wait, 3), desired=round(desired, 3))
+        if math.ceil(desired) != state.get("decision"):
+            log.info("WorkPolicy: %.1f s of work on %d replicas (+%g queued at handles): %d",
+                     wait, len(waits), queued, math.ceil(desired))  # fmt: skip
+        state.update(work_s=round(wait, 3), desired=round(desired, 3), decision=math.ceil(desired))
         return desired, state

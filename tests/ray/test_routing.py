@@ -170,3 +170,78 @@ def test_a_256_times_larger_request_weighs_256_times_more():
 def test_the_policy_refuses_a_nonsense_target():
     with pytest.raises(ValueError):
         WorkPolicy(target_wait_s=0)
+
+
+# -- the ingress: spill, 503 only when every replica refused, retry once on a lost replica ----
+
+
+class FakeMethod:
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers, self.calls = answers, []
+
+    def remote(self, request: Any, work: int = 0, avoid: tuple[str, ...] = ()) -> Any:
+        self.calls.append(avoid)
+        answer = self.answers.pop(0)
+
+        async def respond() -> Any:
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        return respond()
+
+
+def ingress(answers: list[Any]) -> tuple[Any, FakeMethod]:
+    from service.ray_serve.client import RayEngineClient
+
+    method = FakeMethod(answers)
+    handle = SimpleNamespace(generate=method, deployment_name="MarcheEngine")
+    return RayEngineClient(handle), method
+
+
+def request() -> Any:
+    from engine.model.config import SamplingParams
+    from service.core.client import EngineRequest
+
+    return EngineRequest(1, [0, 1], SamplingParams(num_iter=32, cfg=1.0), "marche", 60.0)
+
+
+def test_a_full_replica_passes_the_request_on():
+    from service.core.jobs import QueueFull
+    from service.ray_serve.client import Failure
+
+    client, method = ingress([Failure(QueueFull("full", 30), "a"), "image"])
+    assert asyncio.run(client.generate(request())) == "image"
+    assert method.calls == [(), ("a",)]  # the second try ranks replica a last
+
+
+def test_503_only_when_every_replica_refused_with_the_shortest_wait():
+    from service.core.jobs import QueueFull
+    from service.ray_serve.client import Failure
+
+    refusals = [Failure(QueueFull("full", 30), "a"), Failure(QueueFull("full", 12), "b"),
+                Failure(QueueFull("full", 40), "a")]  # fmt: skip  # back to a: all have refused
+    client, method = ingress(refusals)
+    with pytest.raises(QueueFull) as refused:
+        asyncio.run(client.generate(request()))
+    assert refused.value.retry_after == 12 and "every engine replica" in str(refused.value)
+    assert method.calls == [(), ("a",), ("a", "b")]
+
+
+def test_a_request_whose_replica_died_is_retried_once():
+    from ray.exceptions import ActorDiedError
+
+    from service.core.jobs import EngineError
+
+    client, method = ingress([ActorDiedError(), "image"])
+    assert asyncio.run(client.generate(request())) == "image"
+    client, method = ingress([ActorDiedError(), ActorDiedError()])
+    with pytest.raises(EngineError, match="replica failed"):
+        asyncio.run(client.generate(request()))
+    assert len(method.calls) == 2  # once, not more
+
+
+def test_the_router_weighs_a_request_by_its_image_steps():
+    from service.ray_serve.client import work
+
+    assert work(request()) == 2 * 32
