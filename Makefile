@@ -33,7 +33,7 @@ grid: install  ## the README's grid: every class, seeds 0-7, exact MAR, default 
 	$(BIN)/marche generate $(foreach c,0 1 2 3 4 5 6 7 8 9,--class-id $(c)) --num 8 --seed 0 \
 		--scale 3 --out docs/digits_mar.png
 
-test: install  ## the whole test suite (CPU; ~14 min on 2 cores)
+test: install  ## the whole test suite (CPU; ~10 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
 fuzz: install  ## schemathesis against the app's OpenAPI, 3000 examples per operation (CI: 300)

@@ -42,3 +42,12 @@ def serve(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def wait_for(check, timeout: float, what: str) -> float:
+    """Seconds until `check()` is true (an assertion error naming `what` after `timeout`)."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.25)
+    return time.monotonic() - started

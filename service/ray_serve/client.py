@@ -77,7 +77,7 @@ class RayEngineClient:
         warm-up, and Serve's health checks take failing ones out)."""
         try:
             states = await self._states()
-        except RayError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to ask is "not ready", said why
             return False, f"Serve controller unreachable ({type(exc).__name__})"
         running = states.get("RUNNING", 0)
         if running == 0:

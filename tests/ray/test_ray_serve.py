@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_for
 from tests.service.test_api import metric_value
 
 pytest.importorskip("ray.serve")
@@ -75,15 +75,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return "Z"
-
-
-def wait_for(check, timeout: float, what: str) -> float:
-    """Seconds until `check()` is true."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.25)
-    return time.monotonic() - started
 
 
 @pytest.mark.slow

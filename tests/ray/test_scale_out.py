@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_for
 from tests.service.test_api import metric_value
 
 pytest.importorskip("ray.serve")
@@ -50,14 +50,6 @@ ENGINE = {
     "graceful_shutdown_timeout_s": 30,
 }
 INGRESS = {"ray_actor_options": {"num_cpus": 0, "resources": {"head_node": 0.01}}}
-
-
-def wait_for(check, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.25)
-    return time.monotonic() - started
 
 
 @pytest.fixture
