@@ -195,10 +195,21 @@ def bench(
     flops: Annotated[
         bool, typer.Option("--flops", help="count FLOPs per image per phase instead of timing")
     ] = False,
+    dispatch: Annotated[
+        bool,
+        typer.Option("--dispatch", help="count operator calls per AR step and phase (on the CPU)"),
+    ] = False,
+    batches: Annotated[
+        str, typer.Option(help="with --dispatch: comma-separated batch sizes")
+    ] = "1,4,16",
+    count_steps: Annotated[
+        int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Time generation per mode (median s/image, per-phase seconds, speedup over exact MAR),
-    or with --flops count FLOPs per image per phase (device-independent)."""
+    or count FLOPs per image per phase (--flops) or operator calls per AR step (--dispatch:
+    what become kernel launches on a GPU); both device-independent."""
     from dataclasses import replace
 
     from engine.pipeline import MODELS
@@ -214,6 +225,16 @@ def bench(
             from engine.eval.flops import flops_table
 
             report = flops_table(models, mode_list, steps, cfg, batch, knobs)
+        elif dispatch:
+            from engine.eval.dispatch import dispatch_table
+
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+            report = {}
+            for name in models:
+                defaults = MODELS[name].defaults
+                params = replace(defaults, num_iter=steps or defaults.num_iter,
+                                 cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
+                report[name] = dispatch_table(name, mode_list, sizes, params, knobs, count_steps)
         else:
             from engine.eval.bench import bench as run_bench
 
@@ -233,6 +254,8 @@ def bench(
         raise fail(str(exc)) from None
     if flops:
         _print_flops(report)
+    elif dispatch:
+        _print_dispatch(report)
     else:
         _print_timing(report)
     if json_path is not None:
@@ -269,6 +292,23 @@ def _print_flops(report: dict) -> None:
                 f"{row['total'] / 1e12:.3f}",
                 "-" if reduction is None else f"{reduction:.2f}x",
             )
+        Console(width=130).print(table)
+
+
+def _print_dispatch(report: dict) -> None:
+    from engine.eval.dispatch import PHASES
+
+    for name, entry in report.items():
+        steps = [p for p in PHASES if p != "vae"]
+        table = Table("mode", "batch", "ops/step", *steps, "views/step", "syncs/step", "VAE ops",
+                      title=f"{name}: operator calls per AR step (first {entry['counted_steps']} "
+                      f"of {entry['steps']} steps, cfg {entry['cfg']}; views and allocations "
+                      "launch no kernel)")  # fmt: skip
+        for row in entry["rows"]:
+            table.add_row(row["mode"], str(row["batch"]), f"{row['ops_per_step']:.0f}",
+                          *(f"{row['phases_per_step'][p]:.0f}" for p in steps),
+                          f"{row['views_per_step']:.0f}", f"{row['syncs_per_step']:.2f}",
+                          str(row["vae_ops"]))  # fmt: skip
         Console(width=130).print(table)
 
 

@@ -1,0 +1,122 @@
+"""`marche bench --dispatch`: operator calls per AR step and per phase, per mode and batch.
+
+On a GPU every operator call that reaches a kernel is a launch (~5 µs or more of host time
+each), so at small batch a step is bound by how many there are, not by its arithmetic. This
+counts them device-independently: a `TorchDispatchMode` sees every ATen operator after
+autograd and decomposition (`linear` arrives as `t` + `addmm`), attributed to the phase that
+issued it (encoder, decoder, diffusion head, VAE) through the same `phase()` hooks the timing
+benchmark uses. Views (`is_view`: `view`, `t`, `expand`, `slice`, ...) and bare allocations
+launch no kernel but still cost a CPU dispatch: they are counted apart. Ops that would make a
+GPU wait for the host (`_local_scalar_dense`, `nonzero`, ...) are counted too. Each setting is
+counted on its second run: the first also builds what later runs reuse (schedule tensors,
+caches). From then on the count is deterministic, so a few steps of a random-weight model
+suffice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine.decode.marche import MarcheConfig
+from engine.decode.policy import make_policy
+from engine.decode.sampler import StepInfo
+from engine.model.config import SamplingParams
+from engine.pipeline import Pipeline
+
+PHASES = ("encoder", "decoder", "diffusion_head", "vae")
+_aten = torch.ops.aten
+NO_KERNEL = {_aten._unsafe_view.default, _aten.empty.memory_format, _aten.empty_strided.default}
+SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default}
+
+
+class OpCounter(TorchDispatchMode):
+    """ATen calls per phase: `ops` (would launch a kernel), `free` (views, allocations),
+    `syncs` (would wait for the device). It has `PhaseTimer`'s `phase()`, so it can be passed
+    wherever a timer is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = "other"
+        self.ops: Counter[str] = Counter()
+        self.free: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        outer, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = outer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        (self.free if func.is_view or func in NO_KERNEL else self.ops)[self.current] += 1
+        if func in SYNCS:
+            self.syncs[self.current] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_run(
+    pipe: Pipeline,
+    mode: str,
+    batch: int,
+    params: SamplingParams,
+    marche: MarcheConfig | None,
+    steps: int | None = None,
+) -> OpCounter:
+    """Operator calls of one generation of `batch` images (tokens, then the VAE), stopped
+    after its first `steps` AR steps when given (a run's real schedule, not a shorter run:
+    that would predict every token in fewer, heavier steps)."""
+    classes = [i % pipe.num_classes for i in range(batch)]
+    counter = OpCounter()
+
+    def stop(info: StepInfo) -> list[bool] | None:
+        return [False] * batch if steps is not None and info.step + 1 >= steps else None
+
+    with torch.inference_mode(), counter:
+        tokens = pipe.generate_tokens(
+            classes, list(range(batch)), params, make_policy(mode, marche), stop, counter
+        )
+        with counter.phase("vae"):
+            pipe.decode(tokens)
+    return counter
+
+
+def dispatch_table(
+    model: str,
+    modes: Sequence[str],
+    batches: Sequence[int],
+    params: SamplingParams | None = None,
+    marche: MarcheConfig | None = None,
+    count_steps: int | None = None,
+) -> dict:
+    """Per mode and batch: operator calls per AR step (each phase but the VAE, which runs once
+    per image batch and is reported per run), views and allocations, would-be syncs; averaged
+    over the run's first `count_steps` steps (all when None)."""
+    pipe = Pipeline.load(model, device="cpu", dtype="fp32", random_weights=model != "digits")
+    params = params or pipe.spec.defaults
+    rows = []
+    for batch in batches:
+        for mode in modes:
+            steps = min(count_steps or params.num_iter, params.num_iter)
+            count_run(pipe, mode, batch, params, marche, steps)  # builds what later runs reuse
+            c = count_run(pipe, mode, batch, params, marche, steps)
+            per_step = {p: round(c.ops[p] / steps, 1) for p in PHASES if p != "vae"}
+            rows.append({
+                "mode": mode,
+                "batch": batch,
+                "ops_per_step": round(sum(per_step.values()), 1),
+                "phases_per_step": per_step,
+                "vae_ops": c.ops["vae"],
+                "views_per_step": round(sum(c.free[p] for p in PHASES if p != "vae") / steps, 1),
+                "syncs_per_step": round(sum(c.syncs[p] for p in PHASES if p != "vae") / steps, 2),
+                "other_ops": c.ops["other"],
+            })  # fmt: skip
+    counted = min(count_steps or params.num_iter, params.num_iter)
+    return {"model": model, "steps": params.num_iter, "counted_steps": counted, "cfg": params.cfg,
+            "rows": rows}  # fmt: skip
