@@ -100,10 +100,10 @@ def dispatch_table(
     over the run's first `count_steps` steps (all when None)."""
     pipe = Pipeline.load(model, device="cpu", dtype="fp32", random_weights=model != "digits")
     params = params or pipe.spec.defaults
+    steps = min(count_steps or params.num_iter, params.num_iter)
     rows = []
     for batch in batches:
         for mode in modes:
-            steps = min(count_steps or params.num_iter, params.num_iter)
             count_run(pipe, mode, batch, params, marche, steps)  # builds what later runs reuse
             c = count_run(pipe, mode, batch, params, marche, steps)
             per_step = {p: round(c.ops[p] / steps, 1) for p in PHASES if p != "vae"}
@@ -117,6 +117,5 @@ def dispatch_table(
                 "syncs_per_step": round(sum(c.syncs[p] for p in PHASES if p != "vae") / steps, 2),
                 "other_ops": c.ops["other"],
             })  # fmt: skip
-    counted = min(count_steps or params.num_iter, params.num_iter)
-    return {"model": model, "steps": params.num_iter, "counted_steps": counted, "cfg": params.cfg,
+    return {"model": model, "steps": params.num_iter, "counted_steps": steps, "cfg": params.cfg,
             "rows": rows}  # fmt: skip

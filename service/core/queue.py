@@ -116,13 +116,15 @@ class JobQueue:
         with self.cond:
             return sum(len(j.seeds) for j in self.running)
 
-    def expected_wait_s(self) -> float | None:
+    def expected_wait_s(self, image_steps: int | None = None) -> float | None:
         """Seconds a request accepted now would wait for the work ahead of it (the module's
-        formula); None before any step was timed."""
+        formula; `image_steps` when the caller has counted them); None before any step was
+        timed."""
         step_s = self.step_time.seconds
         if step_s is None:
             return None
-        return step_s * math.ceil(self.image_steps() / max(1, self.max_batch_size))
+        ahead = self.image_steps() if image_steps is None else image_steps
+        return step_s * math.ceil(ahead / max(1, self.max_batch_size))
 
     def retry_after_s(self) -> int:
         """Retry-After of a 503: the expected wait, rounded up, within
@@ -172,6 +174,7 @@ class JobQueue:
 
     def publish_state(self) -> None:
         if self.metrics:
+            ahead = self.image_steps()
             self.metrics.queue_state(
-                len(self.running), len(self.waiting), self.image_steps(), self.expected_wait_s()
+                len(self.running), len(self.waiting), ahead, self.expected_wait_s(ahead)
             )

@@ -238,10 +238,9 @@ class StaticScheduler:
                 q.metrics.step(mode, now - last)
                 q.metrics.occupancy(len(owners))
             last = now
-            for job in owners:
-                job.steps_done = info.step + 1
             row = 0
             for job in dict.fromkeys(owners):
+                job.steps_done = info.step + 1
                 tokens = info.tokens[row : row + 1]
                 job.report(info.step + 1, info.num_iter, info.tokens_done, info.seq_len,
                            partial(preview, self.pipeline, tokens), self.preview_every)  # fmt: skip

@@ -92,7 +92,7 @@ class RayEngineClient:
         avoid: list[str] = []
         refusals: list[QueueFull] = []
         lost = False
-        while len(avoid) < MAX_SPILLS:
+        while True:
             try:
                 result = await self.handle.generate.remote(
                     request, work=work(request), avoid=tuple(avoid)
@@ -108,12 +108,9 @@ class RayEngineClient:
                 raise replica_failed(exc) from exc
             if not isinstance(result, Failure):
                 return result
-            if not isinstance(result.error, QueueFull) or result.replica in avoid:
-                break  # not a refusal, or every replica has refused (the router came back)
-            refusals.append(result.error)
-            avoid.append(result.replica)
+            if not _spill(result, avoid, refusals):
+                raise _answer(result.error, refusals)
             self._retried("queue_full")
-        raise _answer(result.error, refusals)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         avoid: list[str] = []
@@ -128,15 +125,8 @@ class RayEngineClient:
                 raise replica_failed(exc) from exc
             if not isinstance(first, Failure):
                 break
-            error = first.error
-            if (
-                not isinstance(error, QueueFull)
-                or first.replica in avoid
-                or len(avoid) >= MAX_SPILLS
-            ):
-                raise _answer(error, refusals)
-            refusals.append(error)
-            avoid.append(first.replica)
+            if not _spill(first, avoid, refusals):
+                raise _answer(first.error, refusals)
             self._retried("queue_full")
         yield first
         try:
@@ -146,6 +136,18 @@ class RayEngineClient:
                 yield event
         except RayError as exc:
             raise replica_failed(exc) from exc
+
+
+def _spill(failure: Failure, avoid: list[str], refusals: list[QueueFull]) -> bool:
+    """Whether to send the request on: `failure` is a queue-full refusal from a replica not
+    asked yet (noted in `avoid`, which the router ranks last) and fewer than MAX_SPILLS have
+    refused. False: not a refusal, or the router came back to a replica that refused already
+    (every replica has)."""
+    if not isinstance(failure.error, QueueFull) or failure.replica in avoid:
+        return False
+    refusals.append(failure.error)
+    avoid.append(failure.replica)
+    return len(avoid) < MAX_SPILLS
 
 
 def _answer(error: Exception, refusals: list[QueueFull]) -> Exception:

@@ -59,9 +59,16 @@ class WorkBook:
         step_s = stats.get("step_s") or 1.0  # not timed yet: rank by work alone
         return work * step_s / max(1, stats.get("rows") or 1)
 
+    def loads(self, replicas: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+        """Each replica's `load` from its stats."""
+        return {r: self.load(r, stats) for r, stats in replicas.items()}
+
     def rank(self, replicas: dict[str, dict[str, Any]], avoid: Iterable[str] = ()) -> list[str]:
         """Replica ids, best first; [] when any report is missing or stale (use the default)."""
-        loads = {r: self.load(r, stats) for r, stats in replicas.items()}
+        return self.order(self.loads(replicas), avoid)
+
+    def order(self, loads: dict[str, float | None], avoid: Iterable[str] = ()) -> list[str]:
+        """`rank` on loads already computed."""
         if not loads or any(load is None for load in loads.values()):
             return []
         avoided = set(avoid)
@@ -96,8 +103,9 @@ class LeastWorkRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         stats = {rid: dict(r.routing_stats or {}) for rid, r in by_id.items()}
         avoid = pending_request.kwargs.get("avoid", ()) if pending_request else ()
-        ranked = self.book.rank(stats, avoid)
-        view.record(stats, {rid: self.book.load(rid, s) for rid, s in stats.items()})
+        loads = self.book.loads(stats)
+        ranked = self.book.order(loads, avoid)
+        view.record(stats, loads)
         if not ranked:
             return [candidate_replicas]  # stale: Ray's default (least queue length)
         return [[by_id[rid]] for rid in ranked]
