@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,12 @@ serve-ray: install  ## the same app under Ray Serve (one engine replica per GPU;
 demo: install  ## generate a grid of digits with the shipped model
 	$(BIN)/marche generate --class-id 3 --num 16 --seed 0 --scale 4 --out out/grid.png
 
-grid: install  ## the README's grid: every class, seeds 0-7, exact MAR, default settings
+grid: install  ## the grid in docs/ENGINE.md: every class, seeds 0-7, exact MAR, default settings
 	$(BIN)/marche generate $(foreach c,0 1 2 3 4 5 6 7 8 9,--class-id $(c)) --num 8 --seed 0 \
 		--scale 3 --out docs/digits_mar.png
+
+screenshot: install  ## docs/web.png: the web page after a compare run (needs chromium + chromium-driver)
+	$(BIN)/python scripts/screenshot.py --class-name three --seed 1 --out docs/web.png
 
 test: install  ## the whole test suite (CPU; ~10 min on 2 cores)
 	$(BIN)/python -m pytest -q

@@ -21,12 +21,13 @@ from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import SeededRandomness, request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
 from engine.decode.step import Row, StepEngine
+from engine.hub import VAE, find_weights
+from engine.labels import ClassNames, digit_classes, imagenet_classes
 from engine.model.checkpoint import load_strict, read_state_dict
 from engine.model.config import MAR_CONFIGS, MARConfig, SamplingParams
 from engine.model.mar import MAR
 from engine.model.tokenizer import KL16Tokenizer, PixelTokenizer, Tokenizer
 from engine.model.vae import KL16, AutoencoderKL, load_vae
-from engine.train.digits import LABELS as DIGIT_LABELS
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -36,23 +37,27 @@ class ModelSpec:
     """What a model name means: architecture, class labels, default sampling, shipped weights."""
 
     config: MARConfig
-    labels: tuple[str, ...]
+    classes: ClassNames
     defaults: SamplingParams
     weights: Path | None = None  # shipped with the package
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Each class id's display name."""
+        return self.classes.labels
 
-IMAGENET_LABELS = tuple(f"imagenet-{i}" for i in range(1000))
+
 MODELS: dict[str, ModelSpec] = {
     "digits": ModelSpec(
         MAR_CONFIGS["digits"],
-        DIGIT_LABELS,
+        digit_classes(),
         SamplingParams(num_iter=128, cfg=5.0, cfg_schedule="linear", temperature=1.0),
         WEIGHTS_DIR / "digits.safetensors",
     ),
     # The README's evaluation settings (cfg 2.9 / 3.0 / 3.2, linear), at 64 steps.
-    "mar_base": ModelSpec(MAR_CONFIGS["mar_base"], IMAGENET_LABELS, SamplingParams(64, 2.9)),
-    "mar_large": ModelSpec(MAR_CONFIGS["mar_large"], IMAGENET_LABELS, SamplingParams(64, 3.0)),
-    "mar_huge": ModelSpec(MAR_CONFIGS["mar_huge"], IMAGENET_LABELS, SamplingParams(64, 3.2)),
+    "mar_base": ModelSpec(MAR_CONFIGS["mar_base"], imagenet_classes(), SamplingParams(64, 2.9)),
+    "mar_large": ModelSpec(MAR_CONFIGS["mar_large"], imagenet_classes(), SamplingParams(64, 3.0)),
+    "mar_huge": ModelSpec(MAR_CONFIGS["mar_huge"], imagenet_classes(), SamplingParams(64, 3.2)),
 }
 
 
@@ -70,6 +75,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(dtypes)} or auto")
     return dtypes[dtype]
+
+
+def weight_paths(
+    name: str, checkpoint: str | Path | None = None, vae: str | Path | None = None
+) -> tuple[str | Path, str | Path | None]:
+    """The checkpoint and VAE (None: pixel tokens) to load for `name`: the paths given, else
+    the shipped weights, else the cache `marche weights fetch` fills. A missing file raises
+    `WeightsMissing`, one line naming the fetch command, before anything large is loaded."""
+    spec = MODELS[name]
+    needed = [name] if checkpoint is None and spec.weights is None else []
+    needed += [VAE] if vae is None and spec.config.tokenizer != "pixels" else []
+    cached = find_weights(needed)
+    return checkpoint or spec.weights or cached[name], vae or cached.get(VAE)
 
 
 def load_mar(cfg: MARConfig, path: str | Path, device: torch.device | str = "cpu") -> MAR:
@@ -108,22 +126,15 @@ class Pipeline:
         if random_weights:
             model = MAR(cfg).to(dev).eval()
         else:
-            path = checkpoint or spec.weights
-            if path is None:
-                raise ValueError(
-                    f"model {name} needs --checkpoint (official checkpoint-last.pth "
-                    "or .safetensors); use random weights only for timing"
-                )
-            model = load_mar(cfg, path, dev)
+            checkpoint, vae = weight_paths(name, checkpoint, vae)
+            model = load_mar(cfg, checkpoint, dev)
         tokenizer: Tokenizer
         if cfg.tokenizer == "pixels":
             tokenizer = PixelTokenizer(cfg)
         elif vae is not None:
             tokenizer = KL16Tokenizer(cfg, load_vae(vae, KL16, dev))
-        elif random_weights:
+        else:  # random weights: an untrained VAE
             tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
-        else:
-            raise ValueError(f"model {name} decodes through the KL-16 VAE: pass --vae kl16.ckpt")
         model = compile_model(model, compile)
         return cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
 

@@ -28,6 +28,7 @@ from marche.options import (
     step_progress,
 )
 from marche.serve_cmd import serve
+from marche.weights_cmd import app as weights_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -36,6 +37,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 def generate(
     class_id: Annotated[
         list[int] | None, typer.Option(help="class to generate; repeat for one grid row each")
+    ] = None,
+    class_name: Annotated[
+        list[str] | None,
+        typer.Option("--class", help="class by name ('seven', 'golden retriever'); repeatable"),
     ] = None,
     num: Annotated[int, typer.Option(min=1, help="images to generate per class")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the first image; image i uses seed+i")] = 0,
@@ -71,7 +76,8 @@ def generate(
 
     try:
         pipe = Pipeline.load(model, checkpoint=checkpoint, vae=vae, device=device, dtype=dtype)
-        class_ids = class_id or [0]
+        class_ids = [*(class_id or []), *map(pipe.spec.classes.resolve, class_name or [])]
+        class_ids = class_ids or [0]
         pipe.check_class_ids(class_ids)
         overrides = {
             "num_iter": steps,
@@ -172,6 +178,7 @@ def info(
 
 for command in (quality, ablations, bench, serve):
     app.command()(command)
+app.add_typer(weights_app, name="weights")
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def marche_config(budget, selection_layer, refresh_period, encoder, refresh, cac
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -43,8 +43,16 @@ def serve(
     metrics_port: Annotated[
         int, typer.Option(help="with --ray: port of Ray's metrics exporter (ray_marche_*)")
     ] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="generation routes want `Authorization: Bearer KEY` (default: "
+            "$MARCHE_API_KEY; unset: open)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Serve POST /generate; options override the MARCHE_* environment variables."""
+    """Serve the web page, POST /generate and /v1; options override MARCHE_* variables."""
     overrides = {
         "model": model,
         "checkpoint": checkpoint and str(checkpoint),
@@ -56,11 +64,13 @@ def serve(
         "max_wait_ms": max_wait_ms,
         "queue_size": queue_size,
         "router": router,
+        "api_key": api_key,
     }
     # the environment is how settings reach Ray replicas too, so set it for both runtimes
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"MARCHE_{name.upper()}"] = str(value)
+    _check_weights()
     if ray:
         from service.ray_serve.run import run
 
@@ -81,6 +91,25 @@ def serve(
     if host in ("0.0.0.0", "::"):
         typer.echo(f"marche serve: listening on every interface ({host}:{port})", err=True)
     server.run()
+
+
+def _check_weights() -> None:
+    """Missing official weights: one line naming the command that fetches them, before a
+    runtime starts (and would bury it in a start-up traceback)."""
+    from engine.hub import WeightsMissing
+    from engine.pipeline import MODELS, weight_paths
+    from marche.options import fail
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings()
+    if settings.model not in MODELS:
+        raise fail(f"unknown model {settings.model!r}; choose one of {sorted(MODELS)}")
+    if settings.random_weights:
+        return
+    try:
+        weight_paths(settings.model, settings.checkpoint, settings.vae)
+    except WeightsMissing as exc:
+        raise fail(str(exc)) from None
 
 
 def _drain(app) -> None:

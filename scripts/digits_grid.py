@@ -1,4 +1,4 @@
-"""Render the README's grid: every digit class (rows) x N seeds (columns), exact MAR."""
+"""Render the grid in docs/ENGINE.md: every digit class (rows) x N seeds (columns), exact MAR."""
 
 from __future__ import annotations
 

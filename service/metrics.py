@@ -7,6 +7,7 @@ Serve each replica is its own process, so `service.ray_serve.app` supplies a bac
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,8 +36,8 @@ class MetricSpec:
 
 SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_request_latency_seconds", "histogram",
-               "End-to-end latency of /generate requests that produced images.",
-               ("model", "mode"), LATENCY_BUCKETS),
+               "End-to-end latency of generation requests that produced images (route: "
+               "generate, stream or openai).", ("model", "mode", "route"), LATENCY_BUCKETS),
     MetricSpec("marche_queue_wait_seconds", "histogram",
                "Time from acceptance to the request's first decoding step.",
                ("model", "mode"), LATENCY_BUCKETS),
@@ -50,8 +51,10 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_active_token_fraction", "histogram",
                "MARché: active tokens / all tokens per decoding step (1.0 on full steps).",
                ("model", "mode"), FRACTION_BUCKETS, exact_sum=True),
-    MetricSpec("marche_requests_total", "counter", "Finished /generate requests by status.",
-               ("model", "mode", "status")),
+    MetricSpec("marche_requests_total", "counter",
+               "Finished generation requests by status and route (generate: /generate, stream: "
+               "/generate/stream, openai: /v1/images/generations).",
+               ("model", "mode", "status", "route")),
     MetricSpec("marche_images_generated_total", "counter", "Images generated and returned.",
                ("model", "mode")),
     MetricSpec("marche_rejections_total", "counter",
@@ -121,7 +124,8 @@ class PrometheusBackend:
 # Label values known up front. Each series is created at 0 on start-up: a series that first
 # appears at its first increment starts at its final count, so `rate()` of a burst that
 # creates it reads 0 (a burst of 503s would never show on the dashboard).
-STATUSES = ("200", "422", "499", "500", "503", "504")
+STATUSES = ("200", "401", "404", "422", "499", "500", "503", "504")
+ROUTES = ("generate", "stream", "openai")
 REJECTIONS = ("queue_full",)
 RETRIES = ("queue_full", "replica_lost")
 CANCELLATIONS = ("disconnected", "deadline")
@@ -135,8 +139,8 @@ class Metrics:
         self._m = {spec.name: backend.make(spec) for spec in SPECS}
         self.modes = tuple(modes)
         for mode in self.modes:
-            for status in STATUSES:
-                self._labels("marche_requests_total", mode=mode, status=status).inc(0)
+            for status, route in itertools.product(STATUSES, ROUTES):
+                self._labels("marche_requests_total", mode=mode, status=status, route=route).inc(0)
             for reason in CANCELLATIONS:
                 self._labels("marche_cancellations_total", mode=mode, reason=reason).inc(0)
             self._labels("marche_images_generated_total", mode=mode).inc(0)
@@ -155,10 +159,14 @@ class Metrics:
         if name in EXACT_SUMS:
             self._labels(EXACT_SUMS[name], **tags).inc(value)
 
-    def request_finished(self, mode: str, status: int, latency_s: float | None = None) -> None:
-        self._labels("marche_requests_total", mode=mode, status=str(status)).inc()
+    def request_finished(
+        self, mode: str, status: int, latency_s: float | None = None, route: str = "generate"
+    ) -> None:
+        self._labels("marche_requests_total", mode=mode, status=str(status), route=route).inc()
         if latency_s is not None:
-            self._labels("marche_request_latency_seconds", mode=mode).observe(latency_s)
+            self._labels("marche_request_latency_seconds", mode=mode, route=route).observe(
+                latency_s
+            )
 
     def rejected(self, reason: str) -> None:
         self._labels("marche_rejections_total", reason=reason).inc()

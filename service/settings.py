@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decode.marche import MarcheConfig
@@ -32,6 +32,9 @@ class ServiceSettings(BaseSettings):
     # Ray Serve: a fixed number of engine replicas (default: autoscale on work up to the GPUs)
     replicas: int | None = Field(None, ge=1, description="engine replicas (Ray runtime)")
 
+    # an API key for the generation routes (`Authorization: Bearer <key>`); unset: open
+    api_key: SecretStr | None = None
+
     # the engine worker
     scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches
     max_batch_size: int = Field(16, ge=1, description="images per batch")
@@ -52,6 +55,11 @@ class ServiceSettings(BaseSettings):
     marche_selection_layer: int = Field(2, ge=1)
     marche_refresh_period: int = Field(3, ge=1)
     marche_encoder: Literal["cache", "full"] = "cache"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     def marche_config(self) -> MarcheConfig:
         return MarcheConfig(

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -20,15 +21,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve(log: Path | None = None, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """`marche serve` on a free loopback port with MARCHE_* settings, until ready; yields
-    (url, process) and terminates the process on exit."""
+    (url, process) and terminates the process on exit. `log`: a file for its output."""
     port = free_port()
     env = os.environ | {"MARCHE_DEVICE": "cpu"}
     env |= {f"MARCHE_{k.upper()}": v for k, v in settings.items()}
     cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
            "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -42,6 +44,8 @@ def serve(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     finally:
         proc.terminate()
         proc.wait(30)
+        if log:
+            out.close()
 
 
 def wait_for(check, timeout: float, what: str) -> float:

@@ -8,7 +8,7 @@ Two knobs, both exact when off (`HeadConfig()` is upstream's sampler, bit for bi
   (DiSA's rule: T = lower + int((N-1-s)/(N-1) * (upper-lower))) or `cosine`. Annealed counts are
   respaced evenly over base timesteps [0, clip]: DiSA clips at 950 because the last base steps of
   the cosine schedule have alpha_bar ~ 1e-9, where the first DDPM step multiplies the head's eps
-  error by 1/sqrt(alpha_bar) (our digits head needed the same: see the README);
+  error by 1/sqrt(alpha_bar) (our digits head needed the same: see docs/ENGINE.md);
 * **head cache** (LazyMAR's `CachedDiffLoss`, arXiv 2503.12450): the MLP runs in full only on
   every `cache_period`-th diffusion step and on the noisiest `cache_full_fraction` of them. A
   full step stores each res block's MLP output (conditional rows) and the CFG difference

@@ -8,7 +8,7 @@ for:
   against;
 * `marche`: MARché's cache-aware decoder (arXiv 2506.12035), head untouched;
 * `turbo`: MARché + the CFG condition cache + DiSA's head-step annealing + LazyMAR's head cache
-  (the combination measured best on FLOPs at bounded quality: README, "Turbo").
+  (the combination measured best on FLOPs at bounded quality: docs/ENGINE.md, "Turbo").
 
 `make_policy` wraps a config with what a run through it records (active-token fractions,
 condition-cache skips) and the head sampler it calls (the FLOP counter swaps it).

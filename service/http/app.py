@@ -2,6 +2,8 @@
 
 No Ray import here. Under uvicorn `client` is a `LocalEngineClient` started by the lifespan
 hook; under Ray Serve, `service.ray_serve.app` passes a client that calls the engine deployment.
+The native routes live here; `/v1` (OpenAI's Images API) in `openai_api`; both go through the
+`Gateway` and, with `MARCHE_API_KEY` set, the key check of `auth`.
 """
 
 from __future__ import annotations
@@ -10,97 +12,37 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
-import math
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.decode.policy import MODES
 from engine.images import encode_image, make_grid
-from engine.model.config import SamplingParams
 from engine.pipeline import MODELS
 from service.core.client import EngineClient, EngineRequest, LocalEngineClient
-from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull
+from service.core.jobs import JobResult
 from service.core.rows import RowEngine
-from service.http.schemas import (
-    MEDIA_TYPES,
-    GenerateRequest,
-    GenerateResponse,
-    error_responses,
-)
+from service.http.auth import Unauthorized, key_check
+from service.http.errors import openai_error
+from service.http.gateway import CLIENT_CLOSED, ROUTES, Gateway
+from service.http.guards import BodyGuard, json_safe
+from service.http.openai_api import openai_router
+from service.http.schemas import MEDIA_TYPES, GenerateRequest, GenerateResponse, error_responses
+from service.http.web import router as web_router
 from service.metrics import Metrics, PrometheusBackend
 from service.settings import ServiceSettings
-
-TIMEOUT_HEADER = "x-request-timeout-seconds"
-CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
-log = logging.getLogger("marche.app")
-
-
-def _invalid(field: str, message: str, value: Any, where: str = "body") -> RequestValidationError:
-    return RequestValidationError(
-        [{"type": "value_error", "loc": (where, field), "msg": message, "input": value}]
-    )
 
 
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
-
-
-BODY_PATHS = ("/generate", "/generate/stream")  # the endpoints that take a body
-
-
-class BodyGuard:
-    """ASGI middleware in front of the POST endpoints with a body: a JSON content type
-    (else 415) and a body of at most `limit` bytes (else 413), checked before anything parses
-    it. A declared Content-Length over the limit is refused without reading; otherwise at
-    most limit + 1 bytes are read, then replayed to the app."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in BODY_PATHS:
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != "application/json":
-            detail = f"Content-Type must be application/json, not {media or 'missing'!r}"
-            return await JSONResponse({"detail": detail}, 415)(scope, receive, send)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await self._too_large(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        detail = f"request body over {self.limit} bytes"
-        await JSONResponse({"detail": detail}, 413)(scope, receive, send)
 
 
 def build_app(
@@ -133,120 +75,92 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes)
-    num_classes = MODELS[settings.model].config.class_num if settings.model in MODELS else None
+    app.include_router(web_router)  # the page at / and its /static files (not in the schema)
+    spec = MODELS.get(settings.model)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """The generated schema, with the served model's class-id range."""
+        """The generated schema, with the served model's class-id range and image size."""
         if app.openapi_schema is None:
             schema = default_openapi()
-            if num_classes is not None:
-                field = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-                field["class_id"] |= {"minimum": 0, "maximum": num_classes - 1}
+            if spec is not None:
+                models = schema["components"]["schemas"]
+                class_id = models["GenerateRequest"]["properties"]["class_id"]["anyOf"][0]
+                class_id |= {"minimum": 0, "maximum": spec.config.class_num - 1}
+                native = f"{spec.config.img_size}x{spec.config.img_size}"
+                models["ImagesRequest"]["properties"]["size"]["anyOf"][0]["enum"] = [native, "auto"]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
-    app.state.info = None
-
-    async def model_info() -> dict[str, Any]:
-        """The model's static facts, fetched from the engine once."""
-        if app.state.info is None:
-            app.state.info = await app.state.client.info()
-        return app.state.info
-
-    async def engine_request(body: GenerateRequest, request: Request) -> EngineRequest:
-        info = await model_info()
-        if not 0 <= body.class_id < info["num_classes"]:
-            raise _invalid(
-                "class_id",
-                f"class_id must be in 0..{info['num_classes'] - 1} for model {info['model']}",
-                body.class_id,
-            )
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        timeout = settings.request_timeout_s
-        if (header := request.headers.get(TIMEOUT_HEADER)) is not None:
-            try:
-                requested = float(header)
-            except ValueError:
-                requested = float("nan")
-            if not requested > 0:  # also NaN
-                raise _invalid(TIMEOUT_HEADER, "must be a positive number of seconds", header,
-                               where="header")  # fmt: skip
-            timeout = min(timeout, requested)
-        d = info["defaults"]
-        params = SamplingParams(
-            num_iter=body.steps or d["steps"],
-            cfg=d["cfg"] if body.cfg is None else body.cfg,
-            cfg_schedule=body.cfg_schedule or d["cfg_schedule"],
-            temperature=d["temperature"] if body.temperature is None else body.temperature,
-        )
-        return EngineRequest(
-            class_id=body.class_id,
-            seeds=[seed + i for i in range(body.num_images)],
-            params=params,
-            mode=body.mode or settings.default_mode,
-            timeout_s=timeout,
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
-        )
+    gateway = Gateway(app.state, settings, metrics)
+    # every generation route wants the key when one is set (and the schema says so then)
+    keyed = [Depends(key_check(settings))] if settings.api_key else []
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """422 naming the field and the reason (a NaN input must not turn it into a 500)."""
-        if request.url.path.startswith("/generate"):  # counted under the server's default mode
-            metrics.request_finished(settings.default_mode, 422)
-        return JSONResponse({"detail": _json_safe(exc.errors())}, 422)
+        """422 naming the field and the reason (a NaN input must not turn it into a 500);
+        OpenAI's error shape on /v1."""
+        errors = json_safe(exc.errors())
+        if (route := ROUTES.get(request.url.path)) is not None:  # under the default mode
+            metrics.request_finished(settings.default_mode, 422, route=route)
+        if request.url.path.startswith("/v1/"):
+            first = errors[0] if errors else {}
+            loc = [str(p) for p in first.get("loc", ())[1:]]  # without "body"
+            message = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', ())[1:])) or 'body'}: {e.get('msg')}"
+                for e in errors if isinstance(e, dict)
+            )  # fmt: skip
+            return openai_error(422, message, ".".join(loc) or None, first.get("type"))
+        return JSONResponse({"detail": errors}, 422)
 
-    def error(status: int, message: str, request_id: str, **headers: str) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own errors (an undecodable body: 400; unknown route: 404), in OpenAI's
+        shape on /v1."""
+        if request.url.path.startswith("/v1/"):
+            return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        """401 (with the reason, never the key), counted under the default mode."""
+        if (route := ROUTES.get(request.url.path)) is not None:
+            metrics.request_finished(settings.default_mode, 401, route=route)
+        message = f"{exc}: send Authorization: Bearer <key>"
+        headers = {"WWW-Authenticate": "Bearer"}
+        if request.url.path.startswith("/v1/"):
+            return openai_error(401, message, code="invalid_api_key", headers=headers)
+        return JSONResponse({"detail": message}, 401, headers=headers)
+
+    def engine_error(exc: Exception, req: EngineRequest, route: str) -> JSONResponse:
+        status, message, headers = gateway.failure(exc, req, route)
         return JSONResponse(
-            {"detail": message}, status, headers={"X-Request-ID": request_id, **headers}
+            {"detail": message}, status, headers={"X-Request-ID": req.request_id, **headers}
         )
 
-    def failure(exc: Exception, req: EngineRequest) -> tuple[int, str, dict[str, str]]:
-        """Status, message and headers for an engine-side failure; its request metric."""
-        headers: dict[str, str] = {}
-        if isinstance(exc, QueueFull):
-            status, message = 503, str(exc)
-            retry = max(settings.retry_after_s, int(getattr(exc, "retry_after", 1)))
-            headers["Retry-After"] = str(retry)
-        elif isinstance(exc, JobCancelled):
-            status = 504 if exc.reason == "deadline" else CLIENT_CLOSED
-            message = f"deadline of {req.timeout_s:g} s passed"
-        else:  # a failed step, a dead replica, or a bug: JSON all the same, and counted
-            status, message = 500, str(exc)
-            if not isinstance(exc, EngineError):
-                log.error("request %s failed", req.request_id, exc_info=exc)
-                message = f"internal error ({type(exc).__name__})"
-        metrics.request_finished(req.mode, status)
-        return status, message, headers
+    async def engine_request(body: GenerateRequest, request: Request) -> EngineRequest:
+        class_id = await gateway.class_id(body.class_id, body.class_name, "class_name")
+        return await gateway.engine_request(body, class_id, request)
 
-    def engine_error(exc: Exception, req: EngineRequest) -> JSONResponse:
-        status, message, headers = failure(exc, req)
-        return error(status, message, req.request_id, **headers)
-
-    @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
-        "image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-        **error_responses(400, 413, 415, 422, 500, 503, 504)})  # fmt: skip
+    @app.post("/generate", response_model=GenerateResponse, dependencies=keyed, responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **error_responses(400, 401, 413, 415, 422, 500, 503, 504)})  # fmt: skip
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        """Generate `num_images` images of `class_id`: image bytes (a grid if > 1) or JSON."""
+        """Generate `num_images` images of a class (`class_id` or `class_name`): image bytes
+        (a grid if > 1) or JSON."""
         started = time.monotonic()
         req = await engine_request(body, request)
-        task = asyncio.ensure_future(app.state.client.generate(req))
         try:
-            while not task.done():  # notice a client that goes away, and drop its job
-                await asyncio.wait({task}, timeout=0.25)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    metrics.request_finished(req.mode, CLIENT_CLOSED)
-                    return Response(status_code=CLIENT_CLOSED)
-            result: JobResult = task.result()
+            result = await gateway.run(req, request)
         except Exception as exc:  # noqa: BLE001 - QueueFull, JobCancelled, EngineError, ...
-            return engine_error(exc, req)
-        finally:
-            task.cancel()
+            return engine_error(exc, req, "generate")
+        if result is None:
+            metrics.request_finished(req.mode, CLIENT_CLOSED, route="generate")
+            return Response(status_code=CLIENT_CLOSED)
         total = time.monotonic() - started
-        metrics.request_finished(req.mode, 200, total)
+        metrics.request_finished(req.mode, 200, total, route="generate")
         headers = {
             "X-Request-ID": req.request_id,
             "X-Seed": ",".join(map(str, result.seeds)),
@@ -263,9 +177,10 @@ def build_app(
             )
             payload = GenerateResponse(
                 request_id=req.request_id,
-                model=(await model_info())["model"],
+                model=(await gateway.info())["model"],
                 mode=req.mode,
                 class_id=req.class_id,
+                class_name=(await gateway.classes())[req.class_id].name,
                 steps=req.params.num_iter,
                 format=body.format,
                 images=[{"b64": b, "seed": s} for b, s in zip(images, result.seeds, strict=True)],
@@ -277,11 +192,11 @@ def build_app(
         data = await asyncio.to_thread(_encode, result.images, body.format)
         return Response(data, media_type=MEDIA_TYPES[body.format], headers=headers)
 
-    @app.post("/generate/stream", response_class=EventStream, responses={
+    @app.post("/generate/stream", response_class=EventStream, dependencies=keyed, responses={
         200: {"description": "server-sent events: progress, image, done or error",
               "content": {"text/event-stream": {"schema": {
                   "type": "object", "description": "each event's data: a JSON object"}}}},
-        **error_responses(400, 413, 415, 422, 503, 504)})  # fmt: skip
+        **error_responses(400, 401, 413, 415, 422, 503, 504)})  # fmt: skip
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         """Server-sent events: `progress` per step (with a small `preview` now and then),
         one `image` per image, then `done`."""
@@ -291,7 +206,8 @@ def build_app(
         try:  # admission first, so a full queue is a plain 503 rather than an event
             await anext(stream)
         except Exception as exc:  # noqa: BLE001 - as in /generate
-            return engine_error(exc, req)
+            return engine_error(exc, req, "stream")
+        name = (await gateway.classes())[req.class_id].name
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -301,30 +217,34 @@ def build_app(
                         for image, seed in zip(result.images, result.seeds, strict=True):
                             data = {"seed": seed, "b64": _b64(encode_image(image, body.format))}
                             yield _sse("image", data)
-                        yield _sse("done", {"request_id": req.request_id, "seeds": result.seeds,
-                                            "generation_s": result.generation_s})  # fmt: skip
+                        yield _sse("done", {
+                            "request_id": req.request_id, "seeds": result.seeds,
+                            "class_id": req.class_id, "class_name": name, "mode": req.mode,
+                            "steps": req.params.num_iter, "queue_s": result.queue_s,
+                            "generation_s": result.generation_s})  # fmt: skip
                         continue
                     if (preview := event.pop("preview", None)) is not None:
                         event["preview_png_b64"] = _b64(encode_image(preview, "png"))
                     yield _sse("progress", event)
             except Exception as exc:  # noqa: BLE001 - the stream ends with an error event
-                status, message, _ = failure(exc, req)
+                status, message, _ = gateway.failure(exc, req, "stream")
                 yield _sse("error", {"status": status, "detail": message})
                 return
             except asyncio.CancelledError:  # the client went away mid-stream
-                metrics.request_finished(req.mode, CLIENT_CLOSED)
+                metrics.request_finished(req.mode, CLIENT_CLOSED, route="stream")
                 raise
-            metrics.request_finished(req.mode, 200, time.monotonic() - started)
+            metrics.request_finished(req.mode, 200, time.monotonic() - started, route="stream")
 
         return EventStream(events(), headers={"X-Request-ID": req.request_id})
 
+    app.include_router(openai_router(gateway, keyed))
+
     @app.get("/classes")
     async def classes() -> dict[str, Any]:
-        """Class ids and labels of the loaded model."""
-        info = await model_info()
-        labels = info["labels"]
+        """The served model's classes: id, display name and every synonym `class_name` takes."""
+        info, names = await gateway.info(), await gateway.classes()
         return {"model": info["model"], "classes": [
-            {"id": i, "label": label} for i, label in enumerate(labels)]}  # fmt: skip
+            {"id": c.id, "name": c.name, "synonyms": list(c.synonyms)} for c in names]}  # fmt: skip
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -339,8 +259,9 @@ def build_app(
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        """The model, device, defaults, MARché and batching settings, queue state."""
-        return await app.state.client.info()
+        """The model, device, defaults, MARché and batching settings, queue state, and
+        whether generation routes want an API key."""
+        return {**await app.state.client.info(), "api_key_required": settings.api_key is not None}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
@@ -352,38 +273,6 @@ def build_app(
         return Response(backend.render(), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-ECHO_CHARS, ECHO_ITEMS = 64, 8  # what a 422 echoes of an input at most
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    """Errors echo the input, briefly: non-finite floats and other non-JSON values become
-    strings; long strings and large or deep containers are cut (never echo a big input)."""
-    if isinstance(value, dict):
-        if depth > 3:
-            return f"<object of {len(value)} keys>"
-        items = list(value.items())
-        out = {str(k)[:ECHO_CHARS]: _json_safe(v, depth + 1) for k, v in items[:ECHO_ITEMS]}
-        if len(items) > ECHO_ITEMS:
-            out["..."] = f"{len(items) - ECHO_ITEMS} more keys"
-        return out
-    if isinstance(value, list | tuple):
-        if depth > 3:
-            return f"<array of {len(value)} items>"
-        out_list = [_json_safe(v, depth + 1) for v in value[:ECHO_ITEMS]]
-        if len(value) > ECHO_ITEMS:
-            out_list.append(f"... {len(value) - ECHO_ITEMS} more items")
-        return out_list
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str) and len(value) > ECHO_CHARS:
-        return f"{value[:ECHO_CHARS]}... ({len(value)} chars)"
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return _json_safe(str(value), depth)
 
 
 def _b64(data: bytes) -> str:

@@ -10,7 +10,7 @@ from pydantic_core import PydanticCustomError
 from service.core.jobs import MAX_IMAGES, MAX_SEED, MAX_STEPS, Mode
 
 
-def _number(value: Any) -> Any:
+def number_only(value: Any) -> Any:
     """JSON numbers only: true and "3" are not numbers (pydantic's lax mode would take them);
     3.0 is an integer, as JSON Schema says."""
     if isinstance(value, bool | str):
@@ -19,6 +19,7 @@ def _number(value: Any) -> Any:
     return value
 
 
+MAX_NAME_CHARS = 100  # the longest ImageNet synonym has 30
 ImageFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -29,11 +30,22 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",  # a misspelt field is an error, not silently ignored
         allow_inf_nan=False,
-        json_schema_extra={"examples": [{"class_id": 3, "cfg": 3.0, "seed": 0}]},
+        json_schema_extra={
+            "examples": [{"class_id": 3, "cfg": 3.0, "seed": 0}, {"class_name": "seven"}],
+            "oneOf": [  # exactly one of class_id and class_name (null: not given)
+                {"properties": {"class_id": {"type": "integer"}}, "required": ["class_id"]},
+                {"properties": {"class_name": {"type": "string"}}, "required": ["class_name"]},
+            ],
+        },
     )
 
-    # its range depends on the served model: checked (and put in the OpenAPI schema) by the app
-    class_id: int = Field(description="class label (digits: 0..9; ImageNet: 0..999)")
+    # exactly one of class_id and class_name; the id's range depends on the served model:
+    # checked (and put in the OpenAPI schema) by the app, as is the name
+    class_id: int | None = Field(None, description="class id (digits: 0..9; ImageNet: 0..999)")
+    class_name: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME_CHARS,
+        description="class name or synonym, any case (see GET /classes): 'seven', 'tabby cat'",
+    )  # fmt: skip
     cfg: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     seed: int | None = Field(  # every image's seed (seed + i) stays <= MAX_SEED
         None, ge=0, le=MAX_SEED - MAX_IMAGES + 1,
@@ -53,7 +65,7 @@ class GenerateRequest(BaseModel):
 
     _numbers = field_validator(
         "class_id", "cfg", "seed", "steps", "temperature", "num_images", mode="before"
-    )(_number)
+    )(number_only)
 
 
 class ImageOut(BaseModel):
@@ -72,6 +84,7 @@ class GenerateResponse(BaseModel):
     model: str
     mode: str
     class_id: int
+    class_name: str
     steps: int
     format: ImageFormat
     images: list[ImageOut]
@@ -87,6 +100,8 @@ class ErrorOut(BaseModel):
 
 _ERROR_DESCRIPTIONS = {
     400: "the body cannot be decoded as JSON text",
+    401: "the server wants an API key (Authorization: Bearer <key>)",
+    404: "the model is not served here",
     413: "request body too large",
     415: "Content-Type is not application/json",
     422: "a field is invalid (named in `detail`)",
@@ -96,14 +111,14 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*codes: int) -> dict[int | str, dict]:
+def error_responses(*codes: int, body: type[BaseModel] = ErrorOut) -> dict[int | str, dict]:
     """OpenAPI entries for error answers: JSON `ErrorOut` bodies (also on the event-stream
     route, whose errors come before any event), Retry-After on 503."""
     out: dict[int | str, dict] = {}
     for code in codes:
         entry: dict = {
             "description": _ERROR_DESCRIPTIONS[code],
-            "content": {"application/json": {"schema": ErrorOut.model_json_schema()}},
+            "content": {"application/json": {"schema": body.model_json_schema()}},
         }
         if code == 503:
             entry["headers"] = {

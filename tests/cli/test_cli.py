@@ -91,7 +91,8 @@ def test_generate_out_dir_one_file_per_image(tmp_path):
     [
         (["--class-id", "12"], "class_id 12 is out of range for digits: 0..9"),
         (["--class-id", "1", "--class-id", "10"], "class_id 10 is out of range"),
-        (["--model", "mar_base"], "needs --checkpoint"),
+        (["--model", "mar_base"], "marche weights fetch mar_base vae"),
+        (["--class", "sevn"], "unknown class name 'sevn'; did you mean '7'?"),
         (["--model", "mar_base", "--checkpoint", "/nope/checkpoint-last.pth"], "not found"),
         (["--mode", "fast"], "unknown mode"),
         (["--cfg-schedule", "cosine"], "cfg_schedule"),

@@ -80,7 +80,9 @@ CONTRACT_ENV = {
     "MARCHE_DEFAULT_MODE",
     "MARCHE_RANDOM_WEIGHTS",
     "MARCHE_REPLICAS",
+    "MARCHE_API_KEY",
 }
+HUB_ENV = {"MARCHE_CACHE"}  # read by engine.hub (where fetched weights live), not a setting
 IMPORT_PATH = "service.ray_serve.app:app"
 
 
@@ -202,7 +204,12 @@ def test_compose_healthcheck_polls_readyz_without_curl(services):
 def test_compose_env_uses_contract_settings(services):
     env = services["serve"]["environment"]
     names = {k for k in env if k.startswith("MARCHE_")}
-    assert names <= CONTRACT_ENV, names - CONTRACT_ENV
+    assert names <= CONTRACT_ENV | HUB_ENV, names - CONTRACT_ENV - HUB_ENV
+    # the models volume is the weight cache: `marche weights fetch` fills it on the host
+    hub = pytest.importorskip("engine.hub")
+    assert str(hub.cache_dir({"MARCHE_CACHE": env["MARCHE_CACHE"]})) == "/models"
+    assert any(v.endswith(":/models:ro") for v in services["serve"]["volumes"])
+    assert env["MARCHE_API_KEY"] is None  # passed through from the shell, never a default
     assert env_default(env["MARCHE_MODEL"]) == "digits"
     # no checkpoint by default: unset (None), never an empty string
     assert env["MARCHE_CHECKPOINT"] is None and env["MARCHE_VAE"] is None
@@ -523,7 +530,7 @@ def test_rayservice_cluster_shape(rayservice, serve_config_v2):
     for container in (head_container, worker):
         assert container["image"] == "marche-serve:latest"
         names = {e["name"] for e in container.get("env", []) if e["name"].startswith("MARCHE_")}
-        assert names <= CONTRACT_ENV, names - CONTRACT_ENV
+        assert names <= CONTRACT_ENV | HUB_ENV, names - CONTRACT_ENV - HUB_ENV
 
 
 # Options that legitimately differ between one node (compose) and a cluster.

@@ -2,6 +2,8 @@
 from deploy/serve_config.yaml, then what an operator would do to it:
 
 * images and 422s over HTTP, the app's metrics on the metrics port asked for;
+* the front door: an API key (401 without it, the key never logged), the official `openai`
+  client on /v1 answering the image /generate gives, the web page;
 * a queue-full burst: JSON 503s with Retry-After, counted, no ERROR traceback and no Serve
   deployment error per 503;
 * the engine replica killed (SIGKILL) with a /generate and a stream in flight: the /generate
@@ -13,6 +15,7 @@ from deploy/serve_config.yaml, then what an operator would do to it:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.servers import free_port, wait_for
@@ -33,6 +37,7 @@ from tests.service.test_api import metric_value
 pytest.importorskip("ray.serve")
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("marche.ray_test")
+KEY = "sk-ray-test-key"
 
 
 def ray_pids() -> set[int]:
@@ -81,7 +86,7 @@ def _state(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds Ray's processes in /proc")
 def test_ray_serve_end_to_end(tmp_path):
     port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "MARCHE_DEVICE": "cpu", "MARCHE_QUEUE_SIZE": "1",
+    env = {**os.environ, "MARCHE_DEVICE": "cpu", "MARCHE_QUEUE_SIZE": "1", "MARCHE_API_KEY": KEY,
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}  # fmt: skip
     before = ray_pids()
     log_path = tmp_path / "serve.log"
@@ -93,6 +98,7 @@ def test_ray_serve_end_to_end(tmp_path):
         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    api = httpx.Client(headers={"Authorization": f"Bearer {KEY}"})  # generation routes
 
     def ready() -> bool:
         assert server.poll() is None, log_path.read_text()[-3000:]
@@ -110,18 +116,35 @@ def test_ray_serve_end_to_end(tmp_path):
     try:
         wait_for(ready, 240, "ready")
         # -- images, validation, info, metrics on the port asked for
-        r = httpx.post(f"{base}/generate", json={"class_id": 3, "seed": 0, "steps": 8}, timeout=120)
+        r = api.post(f"{base}/generate", json={"class_id": 3, "seed": 0, "steps": 8}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.content.startswith(b"\x89PNG") and r.headers["x-seed"] == "0"
-        bad = httpx.post(f"{base}/generate", json={"class_id": 42}, timeout=30)
+        bad = api.post(f"{base}/generate", json={"class_id": 42}, timeout=30)
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "class_id"
         assert httpx.get(f"{base}/info", timeout=30).json()["model"] == "digits"
+
+        # -- the front door under Ray: the key, the openai client, the page
+        unkeyed = httpx.post(f"{base}/generate", json={"class_id": 3}, timeout=30)
+        assert unkeyed.status_code == 401 and KEY not in unkeyed.text
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        image = sdk.images.generate(
+            prompt="three", size="32x32", extra_body={"seed": 0, "steps": 8}
+        )
+        assert base64.b64decode(image.data[0].b64_json) == r.content  # /generate's image
+        assert image.data[0].revised_prompt == "3"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        page = httpx.get(f"{base}/", timeout=30)
+        assert (
+            page.status_code == 200
+            and "default-src 'none'" in page.headers["content-security-policy"]
+        )
         wait_for(lambda: counted("200") >= 1 and counted("422") >= 1, 60, "exported")
 
         # -- a queue-full burst (queue of 1): JSON 503s, counted, no traceback
         def generate(i: int) -> httpx.Response:
             job = {"class_id": i % 10, "seed": i, "steps": 32}
-            return httpx.post(f"{base}/generate", json=job, timeout=120)
+            return api.post(f"{base}/generate", json=job, timeout=120)
 
         # A readiness probe that timed out during a slow start-up is a cancelled request, which
         # Serve counts as a deployment error (seen on a loaded machine): only the burst counts.
@@ -145,12 +168,12 @@ def test_ray_serve_end_to_end(tmp_path):
 
         def post() -> None:
             job = {"class_id": 1, "seed": 1, "steps": 64}
-            results["generate"] = httpx.post(f"{base}/generate", json=job, timeout=120)
+            results["generate"] = api.post(f"{base}/generate", json=job, timeout=120)
 
         def stream() -> None:
             events: list[tuple[str, dict]] = []
             job = {"class_id": 2, "seed": 2, "steps": 64}
-            with httpx.stream("POST", f"{base}/generate/stream", json=job, timeout=120) as r:
+            with api.stream("POST", f"{base}/generate/stream", json=job, timeout=120) as r:
                 name = ""
                 for line in r.iter_lines():
                     if line.startswith("event: "):
@@ -178,7 +201,7 @@ def test_ray_serve_end_to_end(tmp_path):
         assert name == "error" and data["status"] == 500 and "replica" in data["detail"]
         recovered = wait_for(ready, 180, "ready after the replica died") + answered
         job = {"class_id": 1, "seed": 1, "steps": 64}
-        r = httpx.post(f"{base}/generate", json=job, timeout=120)
+        r = api.post(f"{base}/generate", json=job, timeout=120)
         assert r.status_code == 200, r.text
         assert r.content == response.content  # the retry gave the image its seed gives
         served = time.monotonic() - killed
@@ -187,6 +210,8 @@ def test_ray_serve_end_to_end(tmp_path):
         assert retries == 1
         log.info("replica killed: in-flight requests answered in %.1f s, /readyz 200 after "
                  "%.1f s, an image served after %.1f s", answered, recovered, served)  # fmt: skip
+
+        assert KEY not in log_path.read_text()  # Serve's access logs never saw the key
 
         # -- SIGTERM: Serve, then Ray, and nothing left behind
         started = ray_pids() - before

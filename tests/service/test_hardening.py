@@ -80,7 +80,9 @@ def test_the_openapi_contract_matches_the_server(client):
     )
     assert "503" in paths["/readyz"]["get"]["responses"]
     props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert props["class_id"]["minimum"] == 0 and props["class_id"]["maximum"] == 9
+    class_id = props["class_id"]["anyOf"][0]  # an integer, or null when class_name is given
+    assert class_id["minimum"] == 0 and class_id["maximum"] == 9
+    assert props["class_name"]["anyOf"][0]["type"] == "string"
     seed_max = props["seed"]["anyOf"][0]["maximum"]
     assert float(seed_max) == int(seed_max) and seed_max <= 2**53  # exact as a JSON number
     top = {"class_id": 0, "seed": int(seed_max), **FAST}
