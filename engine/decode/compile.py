@@ -2,7 +2,8 @@
 
 What is compiled, and why it can be:
 
-* the DiffLoss MLP (`SimpleMLPAdaLN.forward_modulated`): it runs num_iter x T times per image on
+* the DiffLoss MLP's step (`SimpleMLPAdaLN.forward_lean`, and `final_lean` that the head cache's
+  lazy steps run alone): it runs num_iter x T times per image on
   a handful of rows, so at small batch it is bound by launches and dispatch, not FLOPs. Its
   shapes depend only on the rows predicted in a step, so there is one graph per row count; on
   CUDA `reduce-overhead` replays each as a CUDA graph;
@@ -37,7 +38,8 @@ def compile_model(model: MAR, mode: str = "default", backend: str | Callable = "
     if backend == "inductor":
         options["mode"] = mode
     net = model.diffloss.net
-    net.forward_modulated = torch.compile(net.forward_modulated, **options)
+    net.forward_lean = torch.compile(net.forward_lean, **options)
+    net.final_lean = torch.compile(net.final_lean, **options)
     for block in model.decoder_blocks:
         block.forward_active = torch.compile(block.forward_active, **options)
     return model

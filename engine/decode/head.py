@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from engine.model import diffloss
-from engine.model.diffloss import DiffLoss, SimpleMLPAdaLN, modulate
+from engine.model.diffloss import DiffLoss, SimpleMLPAdaLN
 from engine.model.diffusion import NUM_TRAIN_TIMESTEPS, DiffusionSchedule
 
 HEAD_SCHEDULES = ("constant", "linear", "cosine")
@@ -158,18 +158,23 @@ def _device_index(steps: tuple[int, ...], device: torch.device) -> Tensor:
     return _INDEX[key]
 
 
-def _stream(
-    fn, y_base: Tensor, t_emb: Tensor, steps: tuple[int, ...], per_step: int
+def _pieces_stream(
+    fn, net: SimpleMLPAdaLN, y_base: Tensor, t_emb: Tensor, steps: tuple[int, ...], per_step: int
 ) -> Iterator[list[Tensor]]:
-    """adaLN outputs fn(y) for each diffusion index in `steps`, in order, computed in blocks of
-    steps (one matmul per block, as `diffloss.sample` does)."""
+    """Each diffusion index in `steps`, in order: its adaLN outputs fn(y) split into
+    `forward_lean`'s (R, W) pieces, computed in blocks of steps (one matmul per layer and
+    block, as `diffloss.sample` does)."""
+    if not steps:
+        return
+    width = net.input_proj.out_features
     block = max(1, diffloss.MODULATION_BUDGET // max(1, per_step))
     index = _device_index(steps, t_emb.device)
     for lo in range(0, len(steps), block):
         chunk = index[lo : lo + block]
-        mods = fn(y_base[None] + t_emb.index_select(0, chunk)[:, None])  # each (blk, N, kW)
+        pieces = diffloss.split_modulations(fn(y_base[None] + t_emb[chunk][:, None]), width)
+        per = len(pieces) // len(chunk)
         for j in range(len(chunk)):
-            yield [m[j] for m in mods]
+            yield pieces[j * per : (j + 1) * per]
 
 
 @torch.no_grad()
@@ -184,47 +189,45 @@ def sample_cached(
     full: frozenset[int],
 ) -> Tensor:
     """`diffloss.sample` with LazyMAR's head cache (module docstring); same arguments, plus the
-    diffusion indices that run in full (the noisiest one must be among them)."""
+    diffusion indices that run in full (the noisiest one must be among them). Lean as the
+    exact sampler: a lazy step is the input projection, one fused op per res block (its
+    cached MLP output, gated), the final layer and the fused update."""
     num_t, channels, n = schedule.num_timesteps, x_T.shape[1], len(x_T)
     assert num_t - 1 in full, "the first diffusion step must fill the cache"
-    coef = schedule.coefficients(x_T.device)
-    tmap = coef["timestep_map"]
+    terms = schedule.step_terms(x_T.device)
     c_emb = net.cond_embed(z)  # (N or 2N, W)
-    t_emb = net.time_embed(tmap)  # (T, W)
+    t_emb = net.time_embed(terms.timestep_map)  # (T, W)
+    weights = net.lean_weights()
+    noise = (step_noise[:num_t] * temperature).unbind(0)
     order = list(reversed(range(num_t)))
     full_order = tuple(i for i in order if i in full)
     lazy_order = tuple(i for i in order if i not in full)
-    full_mods = _stream(net.modulations, c_emb, t_emb, full_order, len(z) * net.modulation_width)
-    lazy_mods = _stream(net.gate_modulations, c_emb[:n], t_emb, lazy_order, n * net.gate_width)
+    full_mods = _pieces_stream(
+        net.modulations, net, c_emb, t_emb, full_order, len(z) * net.modulation_width
+    )
+    lazy_mods = _pieces_stream(
+        net.gate_modulations, net, c_emb[:n], t_emb, lazy_order, n * net.gate_width
+    )
     mlp_out: list[Tensor] = []  # per res block: its MLP output on the last full step (N, W)
-    delta_cfg: Tensor | None = None  # eps_c - eps_u on the last full step (N, C)
+    cfg_delta: Tensor | None = None  # (cfg - 1) (eps_c - eps_u) on the last full step (N, C)
     x = x_T
     for i in order:
         if i in full:
-            mods = next(full_mods)
-            h = net.input_proj(torch.cat([x, x]) if cfg is not None else x)
             mlp_out = []
-            for block, mod in zip(net.res_blocks, mods[:-1], strict=True):
-                shift, scale, gate = mod.chunk(3, dim=-1)
-                out = block.mlp(modulate(block.in_ln(h), shift, scale))
-                mlp_out.append(out[:n])
-                h = h + gate * out
-            out = net.final_layer(h, mods[-1]).float()
-            if cfg is None:
-                eps = out[:, :channels]
-            else:
-                cond_eps, uncond_eps = out[:, :channels].chunk(2)
-                delta_cfg = cond_eps - uncond_eps
-                eps = uncond_eps + cfg * delta_cfg
-            v = out[:n, channels:]
+            out = net.forward_lean(x, next(full_mods), weights, cfg is not None, mlp_out).float()
+            eps, v = out.split(channels, dim=1)
+            if cfg is not None:
+                cond_eps, uncond_eps = eps.chunk(2)
+                cfg_delta = (cond_eps - uncond_eps).mul_(cfg - 1)
+                eps, v = torch.lerp(uncond_eps, cond_eps, cfg), v[:n]
         else:
-            gates = next(lazy_mods)
-            h = net.input_proj(x)
-            for gate, out in zip(gates[:-1], mlp_out, strict=True):
-                h = h + gate * out
-            out = net.final_layer(h, gates[-1]).float()
-            eps, v = out[:, :channels], out[:, channels:]
-            if delta_cfg is not None:  # eps_u = eps_c - delta: eps_u + cfg (eps_c - eps_u)
-                eps = eps + (cfg - 1) * delta_cfg
-        x = diffloss.ddpm_step(coef, i, x, eps, v, step_noise[num_t - 1 - i], temperature)
+            pieces = next(lazy_mods)  # a gate per res block, then the final (shift, 1 + scale)
+            h = torch.addmm(weights[1], x, weights[0])
+            for gate, out in zip(pieces[:-2], mlp_out, strict=True):
+                h = torch.addcmul(h, gate, out)
+            out = net.final_lean(h, pieces[-2], pieces[-1], weights).float()
+            eps, v = out.split(channels, dim=1)
+            if cfg_delta is not None:  # eps_u = eps_c - delta: eps_u + cfg (eps_c - eps_u)
+                eps = eps + cfg_delta
+        x = terms.update(i, x, eps, v, noise[num_t - 1 - i])
     return x

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.model.diffusion import DiffusionSchedule
@@ -132,6 +133,54 @@ class SimpleMLPAdaLN(nn.Module):
             gates.append(torch.nn.functional.linear(act, weight, bias))
         return [*gates, self.final_layer.adaLN_modulation(y)]
 
+    def lean_weights(self) -> tuple[Tensor, ...]:
+        """The weights as `forward_lean` takes them, linears transposed once (views): addmm
+        with a pre-transposed weight is F.linear without its per-call transpose."""
+        weights = [self.input_proj.weight.t(), self.input_proj.bias]
+        for block in self.res_blocks:
+            first, second = block.mlp[0], block.mlp[2]
+            weights += [block.in_ln.weight, block.in_ln.bias, first.weight.t(), first.bias,
+                        second.weight.t(), second.bias]  # fmt: skip
+        final = self.final_layer.linear
+        return (*weights, final.weight.t(), final.bias)
+
+    def forward_lean(
+        self,
+        x: Tensor,
+        pieces: list[Tensor],
+        weights: tuple[Tensor, ...],
+        guided: bool,
+        keep: list[Tensor] | None = None,
+    ) -> Tensor:
+        """`forward_modulated` in the fewest eager ops: `pieces` are every layer's adaLN
+        outputs split per use, (shift, 1 + scale, gate) per res block then (shift, 1 + scale)
+        for the final layer, each (R, W); `weights` are `lean_weights()`. x (N, C) is fed to
+        both CFG halves when `guided` (R = 2N). Two fused ops per modulation (addcmul), three
+        per MLP (addmm, silu_, addmm), one LayerNorm: 6 ops per res block, no views.
+        `keep` collects each block's MLP output for the first N rows (the head cache)."""
+        width = self.input_proj.out_features
+        h = torch.addmm(weights[1], x, weights[0])
+        if guided:  # the same rows for both halves: project once, then repeat
+            h = torch.cat([h, h])
+        for j in range(len(self.res_blocks)):
+            ln_w, ln_b, w1, b1, w2, b2 = weights[2 + 6 * j : 8 + 6 * j]
+            shift, scale1, gate = pieces[3 * j : 3 * j + 3]
+            u = torch.addcmul(shift, F.layer_norm(h, (width,), ln_w, ln_b, 1e-6), scale1)
+            a = F.silu(torch.addmm(b1, u, w1), inplace=True)
+            m = torch.addmm(b2, a, w2)
+            if keep is not None:
+                keep.append(m[: len(x)])
+            h = torch.addcmul(h, gate, m)
+        return self.final_lean(h, pieces[-2], pieces[-1], weights)
+
+    def final_lean(
+        self, h: Tensor, shift: Tensor, scale1: Tensor, weights: tuple[Tensor, ...]
+    ) -> Tensor:
+        """The final layer in 3 ops, given its shift and 1 + scale (R, W)."""
+        width = self.input_proj.out_features
+        u = torch.addcmul(shift, F.layer_norm(h, (width,), None, None, 1e-6), scale1)
+        return torch.addmm(weights[-1], u, weights[-2])
+
     def forward_modulated(self, x: Tensor, mods: list[Tensor]) -> Tensor:
         """The MLP given `modulations(y)` (one (N, kW) tensor per layer)."""
         x = self.input_proj(x)
@@ -170,6 +219,22 @@ class DiffLoss(nn.Module):
         self.gen_schedule = DiffusionSchedule.create(num_sampling_steps)
 
 
+def split_modulations(mods: list[Tensor], width: int) -> list[Tensor]:
+    """Layers' adaLN outputs for a block of steps (each (blk, R, kW), k = 3, 2 or 1) -> one flat
+    list of (R, W) pieces, step by step in `forward_lean`'s order, scale pieces as 1 + scale
+    (the same float as `modulate` computes). A handful of ops per block of steps, so each
+    diffusion step picks its pieces by list slicing, with no per-step views."""
+    parts = []
+    for m in mods:
+        blk, rows, k = m.shape[0], m.shape[1], m.shape[2] // width
+        m = m.view(blk, rows, k, width)  # (blk, R, k, W)
+        if k > 1:  # (shift, scale[, gate]): scale -> 1 + scale; a lone gate stays
+            m.select(2, 1).add_(1)
+        parts.append(m.permute(0, 2, 1, 3))  # (blk, k, R, W)
+    pieces = torch.cat(parts, dim=1)  # (blk, P, R, W), P = 3 * depth + 2
+    return list(pieces.flatten(0, 1).unbind(0))
+
+
 @torch.no_grad()
 def sample(
     net: SimpleMLPAdaLN,
@@ -187,46 +252,40 @@ def sample(
     belongs to diffusion index T-1-k. temperature, cfg: (N, 1) per-row scales.
     Only the conditional trajectory is carried: upstream's unconditional half is discarded.
     Returns x_0 (N, C), float32.
+
+    Everything that does not depend on x_t is done before the loop, in a few large ops: every
+    step's adaLN outputs (blocks of steps, one matmul per layer), the schedule's per-step
+    constants (`DiffusionSchedule.step_terms`), and the temperature-scaled noise. A diffusion
+    step is then the MLP (`forward_lean`) and a fused update: about 14 + 6 x depth ops.
     """
-    coef = schedule.coefficients(x_T.device)
-    tmap = coef["timestep_map"]
-    num_t, channels = schedule.num_timesteps, x_T.shape[1]
+    num_t, channels, width = schedule.num_timesteps, x_T.shape[1], net.input_proj.out_features
+    terms = schedule.step_terms(x_T.device)
+    tmap = terms.timestep_map
     c_emb = net.cond_embed(z)  # constant over the diffusion steps
     t_emb = net.time_embed(tmap)  # (T, W): one row per diffusion index
+    weights = net.lean_weights()
+    noise = (step_noise[:num_t] * temperature).unbind(0)  # draw k belongs to index T-1-k
+    guided = cfg is not None
     # y = c_emb + t_emb[i] enters the MLP only through the adaLN linears, and every y is known
     # up front: compute their outputs for a block of diffusion steps in one matmul (T_blk * N
     # rows) instead of T matrix-vector products that each re-read those weights (over half
     # the head's parameters). Blocks are sized to keep the buffer under MODULATION_BUDGET.
     per_step = len(z) * net.modulation_width
     block = max(1, min(num_t, MODULATION_BUDGET // per_step))
-    mods: list[Tensor] = []
+    num_pieces = 3 * len(net.res_blocks) + 2
+    pieces: list[Tensor] = []
     lo = num_t
     x = x_T
     for i in reversed(range(num_t)):
-        if i < lo:  # the next block of diffusion steps [lo, i]
+        if i < lo:  # the next block of diffusion steps [lo, i], in loop order
             lo = max(0, i + 1 - block)
-            mods = net.modulations(c_emb[None] + t_emb[lo : i + 1, None])  # each (blk, N, kW)
-        mod = [m[i - lo] for m in mods]
-        if cfg is None:
-            out = net.forward_modulated(x, mod).float()
-            eps, v = out[:, :channels], out[:, channels:]
-        else:
-            out = net.forward_modulated(torch.cat([x, x]), mod).float()
-            cond_eps, uncond_eps = out[:, :channels].chunk(2)
-            eps = uncond_eps + cfg * (cond_eps - uncond_eps)
-            v = out[: len(x), channels:]
-        x = ddpm_step(coef, i, x, eps, v, step_noise[num_t - 1 - i], temperature)
+            y = c_emb[None] + t_emb[lo : i + 1, None]  # (blk, R, W)
+            pieces = split_modulations(net.modulations(y), width)
+        k = i - lo  # step i's place in its block
+        out = net.forward_lean(x, pieces[k * num_pieces : (k + 1) * num_pieces], weights, guided)
+        eps, v = out.float().split(channels, dim=1)  # (R, C) each
+        if guided:
+            cond_eps, uncond_eps = eps.chunk(2)
+            eps, v = torch.lerp(uncond_eps, cond_eps, cfg), v[: len(x)]
+        x = terms.update(i, x, eps, v, noise[num_t - 1 - i])
     return x
-
-
-def ddpm_step(
-    coef: dict[str, Tensor], i: int, x: Tensor, eps: Tensor, v: Tensor, noise: Tensor, temp: Tensor
-) -> Tensor:
-    """x_{i-1} from x_i given the net's eps and variance interpolation v (learned range)."""
-    frac = (v + 1) / 2
-    log_var = frac * coef["log_betas"][i] + (1 - frac) * coef["posterior_log_variance_clipped"][i]
-    x0 = coef["sqrt_recip_alphas_cumprod"][i] * x - coef["sqrt_recipm1_alphas_cumprod"][i] * eps
-    mean = coef["posterior_mean_coef1"][i] * x0 + coef["posterior_mean_coef2"][i] * x
-    if i > 0:
-        return mean + torch.exp(0.5 * log_var) * noise * temp
-    return mean

@@ -71,8 +71,8 @@ class DiffusionSchedule:
     posterior_log_variance_clipped: np.ndarray
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
-    # device -> coefficients: built once per device, so a decoding step copies nothing from
-    # the host (on CUDA a pageable host-to-device copy waits for the stream)
+    # device -> the sampler's step terms: built once per device, so a decoding step copies
+    # nothing from the host (on CUDA a pageable host-to-device copy waits for the stream)
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -124,23 +124,44 @@ class DiffusionSchedule:
                 tmap.append(i)
         return cls.from_betas(np.array(new_betas), np.array(tmap, dtype=np.int64))
 
-    def coefficients(self, device: torch.device | str) -> dict[str, Tensor]:
-        """The float32 per-step constants the DDPM sampler uses, as device tensors (T,)."""
-        names = {
-            "log_betas": self.log_betas,
-            "posterior_log_variance_clipped": self.posterior_log_variance_clipped,
-            "sqrt_recip_alphas_cumprod": self.sqrt_recip_alphas_cumprod,
-            "sqrt_recipm1_alphas_cumprod": self.sqrt_recipm1_alphas_cumprod,
-            "posterior_mean_coef1": self.posterior_mean_coef1,
-            "posterior_mean_coef2": self.posterior_mean_coef2,
-        }
-        # float64 -> float32 rounding, exactly as upstream's `_extract_into_tensor(...).float()`
-        key = str(torch.device(device))
+    def step_terms(self, device: torch.device | str) -> StepTerms:
+        """The sampler's per-step constants, folded (`StepTerms`), built once per device."""
+        key = ("terms", str(torch.device(device)))
         if key not in self._on_device:
-            coef = {k: torch.from_numpy(v).float().to(device) for k, v in names.items()}
-            coef["timestep_map"] = torch.from_numpy(self.timestep_map).to(device)
-            self._on_device[key] = coef
+            self._on_device[key] = StepTerms(self, torch.device(device))
         return self._on_device[key]
+
+
+class StepTerms:
+    """A DDPM step x_{i-1} = mean + std * noise in three fused ops, from constants folded
+    once per schedule (upstream's float32 coefficients, combined in float64):
+
+        mean = c1 * x0 + c2 * x_t, x0 = s1 * x_t - s2 * eps   ->  A_i * x_t + B_i * eps
+        std = exp(log_var / 2), log_var = lo + (v + 1) / 2 * (hi - lo)  ->  exp(P_i + Q_i * v)
+
+    with lo the clipped posterior log-variance and hi log beta (learned range). A and B are
+    Python floats, P and Q 0-d device tensors (no per-step host copy, no per-step views)."""
+
+    def __init__(self, schedule: DiffusionSchedule, device: torch.device) -> None:
+        def f32(values: np.ndarray) -> np.ndarray:  # as upstream gathers them
+            return values.astype(np.float32).astype(np.float64)
+
+        s1 = f32(schedule.sqrt_recip_alphas_cumprod)
+        s2 = f32(schedule.sqrt_recipm1_alphas_cumprod)
+        c1, c2 = f32(schedule.posterior_mean_coef1), f32(schedule.posterior_mean_coef2)
+        lo, hi = f32(schedule.posterior_log_variance_clipped), f32(schedule.log_betas)
+        self.a, self.b = (c1 * s1 + c2).tolist(), (-c1 * s2).tolist()
+        as_tensors = torch.tensor(np.stack([(lo + hi) / 4, (hi - lo) / 4]), dtype=torch.float32)
+        self.p, self.q = (list(t.to(device).unbind(0)) for t in as_tensors)
+        self.timestep_map = torch.from_numpy(schedule.timestep_map).to(device)
+
+    def update(self, i: int, x: Tensor, eps: Tensor, v: Tensor, noise: Tensor) -> Tensor:
+        """x_{i-1} from x_i, the net's eps and variance interpolation v; `noise` is already
+        scaled by the temperature (unused at i = 0, the last step)."""
+        out = x.mul(self.a[i]).add_(eps, alpha=self.b[i])
+        if i > 0:
+            out.addcmul_(torch.addcmul(self.p[i], v, self.q[i]).exp_(), noise)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
+from service.core import client as engine_client
 from service.core.worker import EngineWorker, Job, JobCancelled
 from service.metrics import Metrics, PrometheusBackend
+from service.settings import ServiceSettings
 from tests.service.test_api import metric_value
 
 PARAMS = SamplingParams(num_iter=8, cfg=3.0)
@@ -126,3 +129,21 @@ def test_continuous_a_request_joining_mid_way_gets_the_image_it_gets_alone(pipel
         assert metric_value(text, "marche_admissions_total", mode=mode, mid_flight="true") >= 1
     finally:
         worker.stop()
+
+
+def test_the_service_loads_the_model_off_the_long_lived_threads(monkeypatch):
+    """A thread that ran a parallel op slows every other thread's (see load_pipeline): the
+    model is loaded on a thread of its own, which ends, never on the caller's."""
+    seen: list[str] = []
+    monkeypatch.setattr(
+        engine_client, "_load", lambda settings: seen.append(threading.current_thread().name)
+    )
+    engine_client.load_pipeline(ServiceSettings(device="cpu"))
+    assert seen == ["model-load"] and threading.current_thread().name != "model-load"
+
+    def fail(settings):
+        raise ValueError("no such checkpoint")
+
+    monkeypatch.setattr(engine_client, "_load", fail)
+    with pytest.raises(ValueError, match="no such checkpoint"):  # raised on the caller's thread
+        engine_client.load_pipeline(ServiceSettings(device="cpu"))
