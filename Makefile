@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,8 +68,11 @@ bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, modes inte
 	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 2 --json out/bench_cpu_b1.json
 	$(BIN)/marche bench --model mar_base --batch 16 --device cpu --repeats 1 --json out/bench_cpu_b16.json
 
-bench-gpu:  ## on a CUDA node with CUDA torch installed: GPU tests + modes table, < 8 min
-	scripts/bench_gpu.sh out/gpu
+bench-gpu:  ## on a CUDA node with CUDA torch: GPU tests + batch 1/4/16 latency, eager vs graphs, < 9 min
+	scripts/bench_gpu.sh latency out/gpu
+
+bench-gpu-throughput:  ## on a CUDA node: every mode on MAR-B/L/H at batch 128, < 9 min
+	scripts/bench_gpu.sh throughput out/gpu
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install

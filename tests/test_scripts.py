@@ -24,26 +24,31 @@ REPORT = {
     "model": "mar_base",
     "compile": "off",
     "batch": 128,
+    "steps": 64,
     "modes": {m: _mode(m, s) for m, s in [("mar", 0.2), ("marche", 0.1), ("turbo", 0.05)]},
     "speedup": {"mar": 1.0, "marche": 2.0, "turbo": 4.0},
 }
 
 
 def test_bench_gpu_timeouts_fit_in_nine_minutes():
-    """The script must fit one device-tool command (10 min) with time to spare; every command is
-    under a timeout, so the timeouts' sum bounds it (15 s are left for the device query and the
+    """Each part must fit one device-tool command (10 min) with time to spare; every command is
+    under a timeout, so a part's timeouts bound it (15 s are left for the device query and the
     table)."""
     text = BENCH_GPU.read_text()
-    literal = [int(s) for s in re.findall(r"\btimeout (\d+)\b", text)]
-    budgets = re.search(r"BUDGET_S=\(([^)]*)\)", text)
-    assert budgets is not None, "per-model budgets not found"
-    per_model = [int(s) for s in re.findall(r"\]=(\d+)", budgets.group(1))]
-    assert len(per_model) == 3  # MAR-B, L, H
-    # every command that runs a model or the tests is under a timeout
-    for line in text.splitlines():
+    for line in text.splitlines():  # every command that runs a model or the tests is timed
         if "$MARCHE bench" in line or "-m pytest" in line:
             assert "timeout" in line, line
-    assert sum(literal) + sum(per_model) <= 9 * 60 - 15
+    parts = dict(re.findall(r"^(latency|throughput)\)\n(.*?)^  ;;", text, re.S | re.M))
+    assert set(parts) == {"latency", "throughput"}
+    for name, body in parts.items():
+        literal = [int(s) for s in re.findall(r"\btimeout (\d+)\b", body)]
+        budgets = [int(s) for s in re.findall(r"\]=(\d+)", body)]
+        runs = re.findall(r"^\s*run ", body, re.M)
+        assert budgets and runs, name
+        assert sum(literal) + sum(budgets) <= 9 * 60 - 15, (name, sum(literal) + sum(budgets))
+    latency = parts["latency"]
+    assert latency.count("--compile reduce-overhead") == 2  # batch 1 per size, small batches
+    assert "mar_huge" in latency and "--batch 1 " in latency and "16" in latency
 
 
 def test_gpu_table_renders_a_bench_report(tmp_path):
@@ -59,5 +64,5 @@ def test_gpu_table_renders_a_bench_report(tmp_path):
     assert lines[0] == "Device: Some GPU 2.13.0"
     rows = [ln for ln in lines if ln.startswith("| mar_base")]
     assert [r.split("|")[4].strip() for r in rows] == ["mar", "marche", "turbo"]
-    assert rows[2].endswith("| 4.00x |")  # turbo's speedup from the report
+    assert rows[2].endswith("| 4.00x | 0.8 |")  # turbo's speedup; 0.05 s / 64 steps in ms
     assert "| 0.0500 | 1.0000 | 2.0000 | 3.0000 | 0.5000 |" in rows[2]  # s/image, phases

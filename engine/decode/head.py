@@ -159,22 +159,23 @@ def _device_index(steps: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def _pieces_stream(
-    fn, net: SimpleMLPAdaLN, y_base: Tensor, t_emb: Tensor, steps: tuple[int, ...], per_step: int
+    net: SimpleMLPAdaLN,
+    y_base: Tensor,
+    t_emb: Tensor,
+    steps: tuple[int, ...],
+    per_step: int,
+    gates_only: bool,
 ) -> Iterator[list[Tensor]]:
-    """Each diffusion index in `steps`, in order: its adaLN outputs fn(y) split into
-    `forward_lean`'s (R, W) pieces, computed in blocks of steps (one matmul per layer and
-    block, as `diffloss.sample` does)."""
+    """Each diffusion index in `steps`, in order: its adaLN outputs as `forward_lean`'s
+    pieces (`SimpleMLPAdaLN.modulation_pieces`), computed in blocks of steps (one matmul per
+    layer and block, as `diffloss.sample` does)."""
     if not steps:
         return
-    width = net.input_proj.out_features
     block = max(1, diffloss.MODULATION_BUDGET // max(1, per_step))
     index = _device_index(steps, t_emb.device)
     for lo in range(0, len(steps), block):
         chunk = index[lo : lo + block]
-        pieces = diffloss.split_modulations(fn(y_base[None] + t_emb[chunk][:, None]), width)
-        per = len(pieces) // len(chunk)
-        for j in range(len(chunk)):
-            yield pieces[j * per : (j + 1) * per]
+        yield from net.modulation_pieces(y_base[None] + t_emb[chunk][:, None], gates_only)
 
 
 @torch.no_grad()
@@ -203,11 +204,9 @@ def sample_cached(
     full_order = tuple(i for i in order if i in full)
     lazy_order = tuple(i for i in order if i not in full)
     full_mods = _pieces_stream(
-        net.modulations, net, c_emb, t_emb, full_order, len(z) * net.modulation_width
+        net, c_emb, t_emb, full_order, len(z) * net.modulation_width, gates_only=False
     )
-    lazy_mods = _pieces_stream(
-        net.gate_modulations, net, c_emb[:n], t_emb, lazy_order, n * net.gate_width
-    )
+    lazy_mods = _pieces_stream(net, c_emb[:n], t_emb, lazy_order, n * net.gate_width, True)
     mlp_out: list[Tensor] = []  # per res block: its MLP output on the last full step (N, W)
     cfg_delta: Tensor | None = None  # (cfg - 1) (eps_c - eps_u) on the last full step (N, C)
     x = x_T

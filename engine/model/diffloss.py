@@ -117,21 +117,32 @@ class SimpleMLPAdaLN(nn.Module):
 
     @property
     def gate_width(self) -> int:
-        """Features of `gate_modulations`: W per res block, 2W for the final layer."""
+        """Features of the lazy steps' adaLN outputs (`modulation_pieces(y, gates_only=True)`):
+        W per res block, 2W for the final layer."""
         width = self.input_proj.out_features
         return (len(self.res_blocks) + 2) * width
 
-    def gate_modulations(self, y: Tensor) -> list[Tensor]:
-        """Each res block's adaLN gate (..., W) and the final layer's adaLN output (..., 2W):
-        what a step needs that reuses the blocks' MLP outputs (the head cache)."""
+    def modulation_pieces(self, y: Tensor, gates_only: bool = False) -> list[list[Tensor]]:
+        """Per step of y (blk, R, W): every layer's adaLN output as `forward_lean` takes it, a
+        list of (R, W) pieces: (shift, 1 + scale, gate) per res block, then (shift, 1 + scale)
+        for the final layer; `gates_only` (the head cache's lazy steps): each res block's gate,
+        then the final layer's two. One SiLU and one matmul per layer for the whole block of
+        steps (the 1 of 1 + scale rides in the bias); the pieces are views, no copy."""
         width = self.input_proj.out_features
         act = torch.nn.functional.silu(y)
-        gates = []
-        for block in self.res_blocks:
-            linear = block.adaLN_modulation[-1]
-            weight, bias = linear.weight[2 * width :], linear.bias[2 * width :]
-            gates.append(torch.nn.functional.linear(act, weight, bias))
-        return [*gates, self.final_layer.adaLN_modulation(y)]
+        blk = y.shape[0]
+        per_layer: list[list[tuple[Tensor, ...]]] = []
+        for layer in [*self.res_blocks, self.final_layer]:
+            linear = layer.adaLN_modulation[-1]
+            weight, bias = linear.weight, linear.bias
+            if gates_only and layer is not self.final_layer:
+                weight, bias = weight[2 * width :], bias[2 * width :]  # the gate only
+            else:  # (shift, scale[, gate]): scale + 1
+                bias = torch.cat([bias[:width], bias[width : 2 * width] + 1, bias[2 * width :]])
+            k = weight.shape[0] // width
+            out = F.linear(act, weight, bias).view(blk, -1, k, width)  # (blk, R, k, W)
+            per_layer.append([p.unbind(0) for p in out.permute(2, 0, 1, 3).unbind(0)])  # [k][blk]
+        return [[piece[j] for layer in per_layer for piece in layer] for j in range(blk)]
 
     def lean_weights(self) -> tuple[Tensor, ...]:
         """The weights as `forward_lean` takes them, linears transposed once (views): addmm
@@ -219,22 +230,6 @@ class DiffLoss(nn.Module):
         self.gen_schedule = DiffusionSchedule.create(num_sampling_steps)
 
 
-def split_modulations(mods: list[Tensor], width: int) -> list[Tensor]:
-    """Layers' adaLN outputs for a block of steps (each (blk, R, kW), k = 3, 2 or 1) -> one flat
-    list of (R, W) pieces, step by step in `forward_lean`'s order, scale pieces as 1 + scale
-    (the same float as `modulate` computes). A handful of ops per block of steps, so each
-    diffusion step picks its pieces by list slicing, with no per-step views."""
-    parts = []
-    for m in mods:
-        blk, rows, k = m.shape[0], m.shape[1], m.shape[2] // width
-        m = m.view(blk, rows, k, width)  # (blk, R, k, W)
-        if k > 1:  # (shift, scale[, gate]): scale -> 1 + scale; a lone gate stays
-            m.select(2, 1).add_(1)
-        parts.append(m.permute(0, 2, 1, 3))  # (blk, k, R, W)
-    pieces = torch.cat(parts, dim=1)  # (blk, P, R, W), P = 3 * depth + 2
-    return list(pieces.flatten(0, 1).unbind(0))
-
-
 @torch.no_grad()
 def sample(
     net: SimpleMLPAdaLN,
@@ -258,7 +253,7 @@ def sample(
     constants (`DiffusionSchedule.step_terms`), and the temperature-scaled noise. A diffusion
     step is then the MLP (`forward_lean`) and a fused update: about 14 + 6 x depth ops.
     """
-    num_t, channels, width = schedule.num_timesteps, x_T.shape[1], net.input_proj.out_features
+    num_t, channels = schedule.num_timesteps, x_T.shape[1]
     terms = schedule.step_terms(x_T.device)
     tmap = terms.timestep_map
     c_emb = net.cond_embed(z)  # constant over the diffusion steps
@@ -272,17 +267,14 @@ def sample(
     # the head's parameters). Blocks are sized to keep the buffer under MODULATION_BUDGET.
     per_step = len(z) * net.modulation_width
     block = max(1, min(num_t, MODULATION_BUDGET // per_step))
-    num_pieces = 3 * len(net.res_blocks) + 2
-    pieces: list[Tensor] = []
+    pieces: list[list[Tensor]] = []
     lo = num_t
     x = x_T
     for i in reversed(range(num_t)):
         if i < lo:  # the next block of diffusion steps [lo, i], in loop order
             lo = max(0, i + 1 - block)
-            y = c_emb[None] + t_emb[lo : i + 1, None]  # (blk, R, W)
-            pieces = split_modulations(net.modulations(y), width)
-        k = i - lo  # step i's place in its block
-        out = net.forward_lean(x, pieces[k * num_pieces : (k + 1) * num_pieces], weights, guided)
+            pieces = net.modulation_pieces(c_emb[None] + t_emb[lo : i + 1, None])
+        out = net.forward_lean(x, pieces[i - lo], weights, guided)
         eps, v = out.float().split(channels, dim=1)  # (R, C) each
         if guided:
             cond_eps, uncond_eps = eps.chunk(2)

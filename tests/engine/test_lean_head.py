@@ -9,7 +9,7 @@ import torch
 
 from engine.eval.dispatch import OpCounter
 from engine.model import diffloss
-from engine.model.diffloss import SimpleMLPAdaLN, split_modulations
+from engine.model.diffloss import SimpleMLPAdaLN
 from engine.model.diffusion import DiffusionSchedule
 
 C, W, Z = 4, 32, 24
@@ -33,12 +33,18 @@ def test_the_lean_step_is_forward_modulated(depth, guided):
     y = torch.randn(3, 2 * n if guided else n, W)  # 3 diffusion steps' y
     with torch.no_grad():
         mods = net.modulations(y)
-        pieces = split_modulations([m.clone() for m in mods], W)
-        per = len(pieces) // 3
+        pieces = net.modulation_pieces(y)
         for k in range(3):
             want = net.forward_modulated(torch.cat([x, x]) if guided else x, [m[k] for m in mods])
-            got = net.forward_lean(x, pieces[k * per : (k + 1) * per], net.lean_weights(), guided)
+            got = net.forward_lean(x, pieces[k], net.lean_weights(), guided)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # the head cache's lazy steps: each block's gate, the final layer's shift and 1 + scale
+        gates = net.modulation_pieces(y, gates_only=True)
+        for k in range(3):
+            blocks = [m[k].chunk(3, dim=-1)[2] for m in mods[:-1]]
+            shift, scale = mods[-1][k].chunk(2, dim=-1)
+            for got, want in zip(gates[k], [*blocks, shift, 1 + scale], strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_the_folded_update_is_upstreams_ddpm_step():
@@ -80,7 +86,7 @@ def test_a_diffusion_step_stays_within_its_op_budget(depth):
     with counter:
         diffloss.sample(net, schedule, z, x_T, noise, temp, cfg)
     steps = schedule.num_timesteps
-    setup = 10 * depth + 30  # once per call: embeddings, the adaLN outputs, weight views
+    setup = 15 * depth + 30  # once per call: embeddings, the adaLN outputs and their views
     assert counter.ops["other"] <= (14 + 6 * depth) * steps + setup, counter.ops["other"]
     assert counter.free["other"] <= 3 * steps + setup, counter.free["other"]  # split, chunk, slice
     assert counter.syncs["other"] == 0

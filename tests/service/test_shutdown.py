@@ -14,7 +14,7 @@ from tests.servers import serve
 
 def test_sigterm_drains_the_queue_at_once_and_exits_within_the_grace_period():
     with serve(max_batch_size="1", shutdown_grace_s="20") as (url, proc):
-        body = {"class_id": 1, "steps": 48}
+        body = {"class_id": 1, "steps": 256}  # seconds even at ~17 ms a step: still running
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(httpx.post, url + "/generate", json=body, timeout=60)
             time.sleep(0.5)
