@@ -167,12 +167,12 @@ def test_ray_serve_end_to_end(tmp_path):
         results: dict[str, object] = {}
 
         def post() -> None:
-            job = {"class_id": 1, "seed": 1, "steps": 64}
+            job = {"class_id": 1, "seed": 1, "steps": 256}
             results["generate"] = api.post(f"{base}/generate", json=job, timeout=120)
 
         def stream() -> None:
             events: list[tuple[str, dict]] = []
-            job = {"class_id": 2, "seed": 2, "steps": 64}
+            job = {"class_id": 2, "seed": 2, "steps": 256}
             with api.stream("POST", f"{base}/generate/stream", json=job, timeout=120) as r:
                 name = ""
                 for line in r.iter_lines():
@@ -189,7 +189,7 @@ def test_ray_serve_end_to_end(tmp_path):
         threads[0].start()
         wait_for(lambda: "streaming" in results, 60, "the stream started")
         threads[1].start()
-        time.sleep(0.5)  # admitted at the next step boundary; 64 steps take seconds
+        time.sleep(0.5)  # admitted at the next step boundary; 256 steps take seconds
         os.kill(replica_pid("MarcheEngine"), signal.SIGKILL)
         killed = time.monotonic()
         for t in threads:
@@ -200,7 +200,7 @@ def test_ray_serve_end_to_end(tmp_path):
         name, data = results["stream"][-1]
         assert name == "error" and data["status"] == 500 and "replica" in data["detail"]
         recovered = wait_for(ready, 180, "ready after the replica died") + answered
-        job = {"class_id": 1, "seed": 1, "steps": 64}
+        job = {"class_id": 1, "seed": 1, "steps": 256}
         r = api.post(f"{base}/generate", json=job, timeout=120)
         assert r.status_code == 200, r.text
         assert r.content == response.content  # the retry gave the image its seed gives
