@@ -126,15 +126,15 @@ def test_two_replicas_on_two_nodes_route_spill_and_survive_a_node_loss(cluster):
 
     # -- a worker node lost with requests in flight
     with ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(generate, base, s, 128) for s in range(200, 204)]
-        time.sleep(3)  # admitted on both replicas, mid-run (128 steps take several seconds)
+        in_flight = [pool.submit(generate, base, s, 256) for s in range(200, 204)]
+        time.sleep(1.5)  # admitted on both replicas, mid-run (256 steps take several seconds)
         cluster.remove_node(workers[0], allow_graceful=False)
         lost = time.monotonic()
         answers = [f.result() for f in in_flight]
     answered = time.monotonic() - lost
     assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
     wait_for(lambda: retries("replica_lost") >= 1, 60, "retries after the node loss counted")
-    again = [generate(base, s, 128) for s in (200, 201)]  # the seeds' images, from the survivor
+    again = [generate(base, s, 256) for s in (200, 201)]  # the seeds' images, from the survivor
     assert [r.content for r in again] == [r.content for r in answers[:2]]
     assert generate(base, 300, 8).status_code == 200  # new requests: the survivor serves
     log.info("node lost: the 4 in-flight requests answered within %.1f s, %d retried on the "
