@@ -37,4 +37,5 @@ class StubEngine:
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         yield {"accepted": True}
+        yield {"step": 1, "total": 1, "tokens_done": 64, "seq_len": 64}
         yield {"result": await self.generate(request)}

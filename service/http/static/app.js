@@ -302,15 +302,20 @@ function endRun(run) {
   }
 }
 
-async function generate(event) {
-  event.preventDefault();
-  let body;
+// The form's request body, or null after showing why it is not valid.
+function formBody() {
   try {
-    body = requestBody();
+    return requestBody();
   } catch (err) {
     showError(err);
-    return;
+    return null;
   }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const body = formBody();
+  if (!body) return;
   body.mode = $("mode").value;
   const run = startRun();
   const result = $("result");
@@ -335,13 +340,8 @@ async function generate(event) {
 // The same class and seed in every mode, one after another: the server's continuous batching
 // would otherwise run the three in the same steps, and their times would all be equal.
 async function compare() {
-  let body;
-  try {
-    body = requestBody();
-  } catch (err) {
-    showError(err);
-    return;
-  }
+  const body = formBody();
+  if (!body) return;
   if (body.seed === undefined) {
     body.seed = crypto.getRandomValues(new Uint32Array(1))[0] % SEED_LIMIT;
     $("seed").value = String(body.seed);
