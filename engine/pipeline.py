@@ -15,8 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engine.decode import graphs
+from engine.decode import head as head_sampling
 from engine.decode.compile import compile_model
-from engine.decode.policy import DecodeConfig, DecodePolicy
+from engine.decode.graphs import DEFAULT_BUCKETS, HeadGraphs
+from engine.decode.head import HeadSampler
+from engine.decode.policy import PRESETS, DecodeConfig, DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import SeededRandomness, request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
@@ -107,6 +111,16 @@ class Pipeline:
         self.name, self.spec = name, MODELS[name]
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
+        self.sample_head: HeadSampler = head_sampling.sample  # see `use_head_graphs`
+        self.head_graphs: HeadGraphs | None = None
+
+    def use_head_graphs(self, mode: str = "auto", buckets: str | Sequence[int] = DEFAULT_BUCKETS):
+        """Run the diffusion head as one unit per (plan, guided, row bucket) (`graphs.py`):
+        "graphs" (CUDA graphs), "compile" (inductor), "static", "off" or "auto" (CUDA: graphs
+        when they measure faster than eager here; elsewhere off). Builds them now."""
+        with self.autocast():
+            self.head_graphs = graphs.build(self.model.diffloss, mode, buckets, PRESETS.values())
+        self.sample_head = self.head_graphs or head_sampling.sample
 
     @classmethod
     def load(
@@ -118,6 +132,8 @@ class Pipeline:
         dtype: str = "auto",
         random_weights: bool = False,
         compile: str = "off",
+        head_graphs: str = "off",
+        head_buckets: str | Sequence[int] = DEFAULT_BUCKETS,
     ) -> Pipeline:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -136,7 +152,10 @@ class Pipeline:
         else:  # random weights: an untrained VAE
             tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
         model = compile_model(model, compile)
-        return cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
+        pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
+        if head_graphs != "off":
+            pipeline.use_head_graphs(head_graphs, head_buckets)
+        return pipeline
 
     @property
     def num_classes(self) -> int:
@@ -180,13 +199,15 @@ class Pipeline:
         )
         labels = torch.tensor([int(c) for c in class_ids], dtype=torch.long, device=self.device)
         with self.autocast():
-            return sample_tokens(self.model, labels, params, randomness, policy, on_step, timer)
+            return sample_tokens(
+                self.model, labels, params, randomness, policy, on_step, timer, self.sample_head
+            )
 
     # -- step-level API (continuous batching): rows join and leave a StepEngine at any step --
 
     def step_engine(self, capacity: int) -> StepEngine:
         """A step engine whose cache pool holds `capacity` images."""
-        return StepEngine(self.model, capacity, self.device)
+        return StepEngine(self.model, capacity, self.device, self.sample_head)
 
     def admit(
         self,

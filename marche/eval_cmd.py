@@ -199,8 +199,15 @@ def bench(
         bool,
         typer.Option("--dispatch", help="count operator calls per AR step and phase (on the CPU)"),
     ] = False,
+    head_graphs: Annotated[
+        str | None,
+        typer.Option(
+            help="time the head eager vs as one unit per row bucket: graphs (CUDA), "
+            "compile or static, interleaved, per mode and --batches"
+        ),
+    ] = None,
     batches: Annotated[
-        str, typer.Option(help="with --dispatch: comma-separated batch sizes")
+        str, typer.Option(help="with --dispatch or --head-graphs: comma-separated batch sizes")
     ] = "1,4,16",
     count_steps: Annotated[
         int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
@@ -221,7 +228,16 @@ def bench(
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if flops:
+        if head_graphs is not None:
+            from engine.eval.latency import head_graphs_table
+
+            defaults = MODELS[models[0]].defaults
+            params = replace(defaults, num_iter=steps or defaults.num_iter,
+                             cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+            report = head_graphs_table(models[0], head_graphs, mode_list, sizes, params, device,
+                                       dtype, repeats, knobs)  # fmt: skip
+        elif flops:
             from engine.eval.flops import flops_table
 
             report = flops_table(models, mode_list, steps, cfg, batch, knobs)
@@ -252,7 +268,9 @@ def bench(
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
-    if flops:
+    if head_graphs is not None:
+        _print_head_graphs(report)
+    elif flops:
         _print_flops(report)
     elif dispatch:
         _print_dispatch(report)
@@ -310,6 +328,22 @@ def _print_dispatch(report: dict) -> None:
                           f"{row['views_per_step']:.0f}", f"{row['syncs_per_step']:.2f}",
                           str(row["vae_ops"]))  # fmt: skip
         Console(width=130).print(table)
+
+
+def _print_head_graphs(report: dict) -> None:
+    units = report["units"]
+    table = Table("mode", "batch", "eager ms/step", f"{report['head_graphs']} ms/step", "speed-up",
+                  "max |token diff|",
+                  title=f"{report['model']} on {report['device']} ({report['dtype']}), "
+                  f"{report['steps']} steps, cfg {report['cfg']}, median of {report['repeats']}; "
+                  f"{units['built']} units built in {units['build_seconds']:.1f} s, "
+                  f"{units['memory_bytes'] / 2**20:.1f} MiB, {units['hits']} hits, "
+                  f"{units['misses']} eager")  # fmt: skip
+    for row in report["rows"]:
+        table.add_row(row["mode"], str(row["batch"]), f"{row['eager_ms_per_step']:.2f}",
+                      f"{row['units_ms_per_step']:.2f}", f"{row['speedup']:.2f}x",
+                      f"{row['max_token_diff']:.1e}")  # fmt: skip
+    Console(width=130).print(table)
 
 
 def _print_timing(report: dict) -> None:

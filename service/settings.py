@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.decode.graphs import parse_buckets
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES
 
@@ -24,6 +25,10 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
+    # the diffusion head as one unit per (plan, guided, row bucket): CUDA graphs, inductor, or
+    # eager; auto: CUDA graphs where they measure faster than eager (engine/decode/graphs.py)
+    head_graphs: Literal["off", "static", "compile", "graphs", "auto"] = "auto"
+    head_buckets: str = Field("1,2,4,8,16,32,64,128,256", description="head rows per unit")
     torch_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
 
     # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;
@@ -55,6 +60,11 @@ class ServiceSettings(BaseSettings):
     marche_selection_layer: int = Field(2, ge=1)
     marche_refresh_period: int = Field(3, ge=1)
     marche_encoder: Literal["cache", "full"] = "cache"
+
+    @field_validator("head_buckets")
+    @classmethod
+    def _buckets(cls, value: str) -> str:
+        return ",".join(map(str, parse_buckets(value)))
 
     @field_validator("api_key", mode="before")
     @classmethod

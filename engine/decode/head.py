@@ -24,7 +24,7 @@ approximation, never by different random numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,6 +37,7 @@ from engine.model.diffloss import DiffLoss, SimpleMLPAdaLN
 from engine.model.diffusion import NUM_TRAIN_TIMESTEPS, DiffusionSchedule
 
 HEAD_SCHEDULES = ("constant", "linear", "cosine")
+HeadSampler = Callable[..., Tensor]  # the signature of `sample`: what the step engine calls
 
 
 @dataclass(frozen=True)

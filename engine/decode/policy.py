@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from engine.decode import head as head_sampling
 from engine.decode.cond_cache import CondCacheConfig
-from engine.decode.head import HeadConfig
+from engine.decode.head import HeadConfig, HeadSampler
 from engine.decode.marche import MarcheConfig
 
 
@@ -60,7 +59,7 @@ class DecodePolicy:
 
     def __init__(self, config: DecodeConfig, name: str = "") -> None:
         self.config, self.name = config, name
-        self.sample_head = head_sampling.sample  # the head sampler the engine calls
+        self.sample_head: HeadSampler | None = None  # None: the engine's head sampler
         self.stats: list[float] = []  # mean active-token fraction of each step (1.0: full)
         self.lazy_steps = 0  # steps the condition cache ran the conditional half alone
 

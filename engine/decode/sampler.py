@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.decode import head as head_sampling
+from engine.decode.head import HeadSampler
 from engine.decode.policy import DecodePolicy, make_policy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
@@ -44,11 +46,13 @@ def sample_tokens(
     policy: DecodePolicy | None = None,
     on_step: Callable[[StepInfo], Sequence[bool] | None] | None = None,
     timer: PhaseTimer | NullTimer = NULL_TIMER,
+    sample_head: HeadSampler = head_sampling.sample,
 ) -> Tensor:
     """Generate tokens (B, L, C) for class labels (B,), one SamplingParams and one
     randomness per row.
 
-    Rows share `num_iter`; cfg, cfg_schedule and temperature may differ per row (a row is
+    `sample_head` runs the head (`policy.sample_head`, when set, overrides it). Rows share
+    `num_iter`; cfg, cfg_schedule and temperature may differ per row (a row is
     guided when its cfg != 1).
 
     `on_step` may return a keep-mask over the current rows (host booleans, e.g. requests whose
@@ -60,7 +64,7 @@ def sample_tokens(
     num_iter = params[0].num_iter
     if any(p.num_iter != num_iter for p in params):
         raise ValueError("rows batched together must share num_iter")
-    engine = StepEngine(model, capacity=len(labels))
+    engine = StepEngine(model, capacity=len(labels), sample_head=sample_head)
     rows = [
         engine.admit(labels[i], p, policy.config, r)
         for i, (p, r) in enumerate(zip(params, randomness, strict=True))

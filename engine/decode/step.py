@@ -21,14 +21,14 @@ the head is per token, and each row draws from its own randomness.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from engine.decode import head as head_sampling
-from engine.decode.head import HeadPolicy
+from engine.decode.head import HeadPolicy, HeadSampler
 from engine.decode.marche import lazy_pass
 from engine.decode.policy import DecodeConfig
 from engine.decode.pool import SlotPool
@@ -38,8 +38,6 @@ from engine.decode.schedules import Step, cfg_scale, step_plan
 from engine.decode.transformer import Call, full_pass
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
-
-HeadSampler = Callable[..., Tensor]  # the signature of `head.sample`
 
 
 @dataclass(eq=False)
@@ -93,9 +91,17 @@ class _RowStep:
 class StepEngine:
     """Advances rows one step at a time; owns the pool their caches live in."""
 
-    def __init__(self, model: MAR, capacity: int, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: MAR,
+        capacity: int,
+        device: torch.device | str | None = None,
+        sample_head: HeadSampler = head_sampling.sample,
+    ) -> None:
+        """`sample_head`: how the head runs (eager, or `graphs.HeadGraphs`)."""
         self.model = model
         self.pool = SlotPool(model, capacity, device or model.class_emb.weight.device)
+        self.sample_head = sample_head
 
     @property
     def free_slots(self) -> int:
@@ -140,10 +146,11 @@ class StepEngine:
     def step(
         self,
         rows: Sequence[Row],
-        sample_head: HeadSampler = head_sampling.sample,
+        sample_head: HeadSampler | None = None,
         timer: PhaseTimer | NullTimer = NULL_TIMER,
     ) -> None:
-        """Advance every (unfinished) row by one step of its own plan."""
+        """Advance every (unfinished) row by one step of its own plan (`sample_head`: this
+        step's head sampler instead of the engine's)."""
         # 1. schedule
         work = [self._schedule(row) for row in rows]
         full: list[Call] = []
@@ -161,7 +168,7 @@ class StepEngine:
         for w in work:
             w.h = self._guidance(w)
         with timer.phase("diffusion_head"):
-            self._head(work, sample_head)
+            self._head(work, sample_head or self.sample_head)
         # 3. update
         for w in work:
             w.row.prev_pred = w.pred

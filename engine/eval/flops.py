@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.decode import head as head_sampling
 from engine.decode.head import HeadPlan
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import DecodeConfig, make_policy
@@ -124,7 +125,7 @@ def count(
     randomness = [ShapeOnlyRandomness(cfg.seq_len, cfg.token_embed_dim, steps, device)] * batch
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     policy = make_policy(mode, marche)
-    policy.sample_head = CountingHead(policy.sample_head, timer)
+    policy.sample_head = CountingHead(head_sampling.sample, timer)  # eager: every op counted
     tokens = sample_tokens(model, labels, [params] * batch, randomness, policy, timer=timer)
     with timer.phase("vae"):
         tokenizer.decode(tokens)

@@ -112,6 +112,8 @@ def _load(settings: ServiceSettings) -> Pipeline:
         dtype=settings.dtype,
         random_weights=settings.random_weights,
         compile=settings.compile,
+        head_graphs=settings.head_graphs,
+        head_buckets=settings.head_buckets,
     )
 
 
@@ -154,7 +156,14 @@ class LocalEngineClient:
 
     async def info(self) -> dict[str, Any]:
         running, waiting = self.worker.counts()
-        return {**self._info, "ready": self.worker.ready, "running": running, "waiting": waiting}
+        graphs = self.pipeline.head_graphs
+        return {
+            **self._info,
+            "head_graphs": graphs.stats.as_dict() if graphs else {"mode": "off"},
+            "ready": self.worker.ready,
+            "running": running,
+            "waiting": waiting,
+        }
 
     async def readiness(self) -> tuple[bool, str]:
         if self.worker.last_error:
