@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.decode import graphs
 from engine.decode import head as head_sampling
 from engine.decode.compile import compile_model
-from engine.decode.graphs import DEFAULT_BUCKETS, HeadGraphs
 from engine.decode.head import HeadSampler
+from engine.decode.head_graphs import HEAD_BUCKETS, HeadGraphs, build_head
+from engine.decode.pass_graphs import PASS_BUCKETS, PassGraphs, build_pass
 from engine.decode.policy import PRESETS, DecodeConfig, DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import SeededRandomness, request_randomness
@@ -111,15 +111,27 @@ class Pipeline:
         self.name, self.spec = name, MODELS[name]
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
-        self.sample_head: HeadSampler = head_sampling.sample  # see `use_head_graphs`
+        self.sample_head: HeadSampler = head_sampling.sample  # see `use_graphs`
         self.head_graphs: HeadGraphs | None = None
+        self.pass_graphs: PassGraphs | None = None
 
-    def use_head_graphs(self, mode: str = "auto", buckets: str | Sequence[int] = DEFAULT_BUCKETS):
-        """Run the diffusion head as one unit per (plan, guided, row bucket) (`graphs.py`):
-        "graphs" (CUDA graphs), "compile" (inductor), "static", "off" or "auto" (CUDA: graphs
-        when they measure faster than eager here; elsewhere off). Builds them now."""
+    def use_graphs(
+        self,
+        mode: str = "auto",
+        head_buckets: str | Sequence[int] = HEAD_BUCKETS,
+        pass_buckets: str | Sequence[int] = PASS_BUCKETS,
+        guided: Sequence[bool] = (True, False),
+    ) -> None:
+        """Run the diffusion head and the transformer's plain full passes as units per row
+        bucket (engine/decode/graphs.py): "graphs" (CUDA graphs), "compile" (the head's
+        loop through inductor), "static", "off", or "auto" (CUDA graphs where they measure
+        faster than eager on this device; elsewhere eager). Builds them now, for `guided` (cfg != 1)
+        rows, unguided ones, or both."""
         with self.autocast():
-            self.head_graphs = graphs.build(self.model.diffloss, mode, buckets, PRESETS.values())
+            self.head_graphs = build_head(
+                self.model.diffloss, mode, head_buckets, PRESETS.values(), guided
+            )
+            self.pass_graphs = build_pass(self.model, mode, pass_buckets)
         self.sample_head = self.head_graphs or head_sampling.sample
 
     @classmethod
@@ -132,8 +144,9 @@ class Pipeline:
         dtype: str = "auto",
         random_weights: bool = False,
         compile: str = "off",
-        head_graphs: str = "off",
-        head_buckets: str | Sequence[int] = DEFAULT_BUCKETS,
+        graphs: str = "off",
+        head_buckets: str | Sequence[int] = HEAD_BUCKETS,
+        pass_buckets: str | Sequence[int] = PASS_BUCKETS,
     ) -> Pipeline:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -153,8 +166,8 @@ class Pipeline:
             tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
         model = compile_model(model, compile)
         pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
-        if head_graphs != "off":
-            pipeline.use_head_graphs(head_graphs, head_buckets)
+        if graphs != "off":
+            pipeline.use_graphs(graphs, head_buckets, pass_buckets)
         return pipeline
 
     @property
@@ -200,14 +213,22 @@ class Pipeline:
         labels = torch.tensor([int(c) for c in class_ids], dtype=torch.long, device=self.device)
         with self.autocast():
             return sample_tokens(
-                self.model, labels, params, randomness, policy, on_step, timer, self.sample_head
+                self.model,
+                labels,
+                params,
+                randomness,
+                policy,
+                on_step,
+                timer,
+                self.sample_head,
+                self.pass_graphs,
             )
 
     # -- step-level API (continuous batching): rows join and leave a StepEngine at any step --
 
     def step_engine(self, capacity: int) -> StepEngine:
         """A step engine whose cache pool holds `capacity` images."""
-        return StepEngine(self.model, capacity, self.device, self.sample_head)
+        return StepEngine(self.model, capacity, self.device, self.sample_head, self.pass_graphs)
 
     def admit(
         self,

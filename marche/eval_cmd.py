@@ -199,16 +199,19 @@ def bench(
         bool,
         typer.Option("--dispatch", help="count operator calls per AR step and phase (on the CPU)"),
     ] = False,
-    head_graphs: Annotated[
+    graphs: Annotated[
         str | None,
         typer.Option(
-            help="time the head eager vs as one unit per row bucket: graphs (CUDA), "
-            "compile or static, interleaved, per mode and --batches"
+            help="time eager vs the head and transformer as units per row bucket: "
+            "graphs (CUDA), compile or static, interleaved, per mode and --batches"
         ),
     ] = None,
     batches: Annotated[
-        str, typer.Option(help="with --dispatch or --head-graphs: comma-separated batch sizes")
+        str, typer.Option(help="with --dispatch or --graphs: comma-separated batch sizes")
     ] = "1,4,16",
+    head_buckets: Annotated[
+        str, typer.Option(help="with --graphs: the head's row buckets")
+    ] = "1,2,4,8,16,32,64,128,256",
     count_steps: Annotated[
         int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
     ] = None,
@@ -228,15 +231,15 @@ def bench(
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if head_graphs is not None:
-            from engine.eval.latency import head_graphs_table
+        if graphs is not None and not dispatch:
+            from engine.eval.latency import units_table
 
             defaults = MODELS[models[0]].defaults
             params = replace(defaults, num_iter=steps or defaults.num_iter,
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = head_graphs_table(models[0], head_graphs, mode_list, sizes, params, device,
-                                       dtype, repeats, knobs)  # fmt: skip
+            report = units_table(models[0], graphs, mode_list, sizes, params, device,
+                                       dtype, repeats, knobs, head_buckets)  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
 
@@ -250,7 +253,8 @@ def bench(
                 defaults = MODELS[name].defaults
                 params = replace(defaults, num_iter=steps or defaults.num_iter,
                                  cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
-                report[name] = dispatch_table(name, mode_list, sizes, params, knobs, count_steps)
+                report[name] = dispatch_table(name, mode_list, sizes, params, knobs, count_steps,
+                                              graphs is not None)  # fmt: skip
         else:
             from engine.eval.bench import bench as run_bench
 
@@ -268,8 +272,8 @@ def bench(
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
-    if head_graphs is not None:
-        _print_head_graphs(report)
+    if graphs is not None and not dispatch:
+        _print_units(report)
     elif flops:
         _print_flops(report)
     elif dispatch:
@@ -318,27 +322,31 @@ def _print_dispatch(report: dict) -> None:
 
     for name, entry in report.items():
         steps = [p for p in PHASES if p != "vae"]
-        table = Table("mode", "batch", "ops/step", *steps, "views/step", "syncs/step", "VAE ops",
+        units = "; units as CUDA graphs: one call per replay" if entry.get("graphs") else ""
+        table = Table("mode", "batch", "ops/step", *steps, "views/step", "syncs/step",
+                      "replays/step", "VAE ops",
                       title=f"{name}: operator calls per AR step (first {entry['counted_steps']} "
                       f"of {entry['steps']} steps, cfg {entry['cfg']}; views and allocations "
-                      "launch no kernel)")  # fmt: skip
+                      f"launch no kernel{units})")  # fmt: skip
         for row in entry["rows"]:
             table.add_row(row["mode"], str(row["batch"]), f"{row['ops_per_step']:.0f}",
                           *(f"{row['phases_per_step'][p]:.0f}" for p in steps),
                           f"{row['views_per_step']:.0f}", f"{row['syncs_per_step']:.2f}",
-                          str(row["vae_ops"]))  # fmt: skip
+                          f"{row.get('replays_per_step', 0):.1f}", str(row["vae_ops"]))  # fmt: skip
         Console(width=130).print(table)
 
 
-def _print_head_graphs(report: dict) -> None:
-    units = report["units"]
-    table = Table("mode", "batch", "eager ms/step", f"{report['head_graphs']} ms/step", "speed-up",
+def _print_units(report: dict) -> None:
+    built = "; ".join(
+        f"{name}: {u['built']} units in {u['build_seconds']:.1f} s, "
+        f"{u['memory_bytes'] / 2**20:.1f} MiB, {u['hits']} hits, {u['misses']} eager"
+        for name, u in report["units"].items()
+    )
+    table = Table("mode", "batch", "eager ms/step", f"{report['graphs']} ms/step", "speed-up",
                   "max |token diff|",
                   title=f"{report['model']} on {report['device']} ({report['dtype']}), "
                   f"{report['steps']} steps, cfg {report['cfg']}, median of {report['repeats']}; "
-                  f"{units['built']} units built in {units['build_seconds']:.1f} s, "
-                  f"{units['memory_bytes'] / 2**20:.1f} MiB, {units['hits']} hits, "
-                  f"{units['misses']} eager")  # fmt: skip
+                  f"{built}")  # fmt: skip
     for row in report["rows"]:
         table.add_row(row["mode"], str(row["batch"]), f"{row['eager_ms_per_step']:.2f}",
                       f"{row['units_ms_per_step']:.2f}", f"{row['speedup']:.2f}x",

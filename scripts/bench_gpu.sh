@@ -3,8 +3,9 @@
 #
 #   scripts/bench_gpu.sh latency [OUT_DIR]     (make bench-gpu; the default part)
 #     the GPU tests, then the latency floor (issue 24): every mode (mar, marche, turbo) at
-#     batch 1 on MAR-B/L/H and at batches 4 and 16 on MAR-B, eager and with CUDA graphs
-#     (--compile reduce-overhead: one graph per step shape, captured in the warm-up);
+#     batch 1 on MAR-B/L/H and at batches 4 and 16 on MAR-B, eager vs the head and the
+#     transformer's plain passes as CUDA graphs per row bucket (marche bench --graphs graphs),
+#     interleaved in one process per model;
 #   scripts/bench_gpu.sh throughput [OUT_DIR]  (make bench-gpu-throughput)
 #     every mode on MAR-B/L/H at batch 128 (the papers' setting).
 #
@@ -25,6 +26,15 @@ MARCHE="$PY -m marche"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)" | tee "$OUT/device.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/device.txt" 2>/dev/null
 
+units() {  # units NAME SECONDS ARGS...: eager vs CUDA graphs, JSON to $OUT/units_NAME.json
+  local name="$1" seconds="$2"
+  shift 2
+  echo "== units $name"
+  timeout "$seconds" $MARCHE bench --dtype bf16 --device cuda --modes mar,marche,turbo \
+    --graphs graphs --steps 16 --repeats 3 --json "$OUT/units_$name.json" "$@" \
+    || echo "units $name: failed or timed out"
+}
+
 run() {  # run NAME SECONDS ARGS...: one `marche bench` under its timeout, JSON to $OUT/NAME.json
   local name="$1" seconds="$2"
   shift 2
@@ -36,22 +46,16 @@ run() {  # run NAME SECONDS ARGS...: one `marche bench` under its timeout, JSON 
 case "$PART" in
 latency)
   echo "== GPU tests"
-  timeout 30 "$PY" -m pytest -q -m gpu tests/engine/test_cuda.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
-  # batch 1, every size: eager is bound by kernel launches; graphs replay each step's kernels
-  declare -A EAGER_S=([mar_base]=35 [mar_large]=40 [mar_huge]=45)
-  declare -A GRAPHS_S=([mar_base]=55 [mar_large]=60 [mar_huge]=65)
+  timeout 75 "$PY" -m pytest -q -m gpu tests/engine/test_cuda.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+  # eager vs units (the head per (plan, row bucket), the transformer's plain passes per (row,
+  # known-token bucket), as CUDA graphs), interleaved per mode and batch in one process;
+  # capture time and memory are in the JSON and the table
+  declare -A B1_S=([mar_base]=95 [mar_large]=105 [mar_huge]=120)
   for model in mar_base mar_large mar_huge; do
-    run "${model}_b1_eager" "${EAGER_S[$model]}" --model "$model" --batch 1 --steps 16
-    run "${model}_b1_graphs" "${GRAPHS_S[$model]}" --model "$model" --batch 1 --steps 16 \
-      --compile reduce-overhead
+    units "${model}_b1" "${B1_S[$model]}" --model "$model" --batches 1
   done
-  # small batches (continuous batching's usual row counts), MAR-B
-  declare -A SMALL_S=([b4_eager]=40 [b4_graphs]=60 [b16_eager]=40 [b16_graphs]=55)
-  for batch in 4 16; do
-    run "mar_base_b${batch}_eager" "${SMALL_S[b${batch}_eager]}" --model mar_base --batch "$batch" --steps 16
-    run "mar_base_b${batch}_graphs" "${SMALL_S[b${batch}_graphs]}" --model mar_base --batch "$batch" \
-      --steps 16 --compile reduce-overhead
-  done
+  declare -A SMALL_S=([b4_b16]=120)
+  units mar_base_b4_b16 "${SMALL_S[b4_b16]}" --model mar_base --batches 4,16
   ;;
 throughput)
   declare -A BUDGET_S=([mar_base]=75 [mar_large]=110 [mar_huge]=150)

@@ -1,5 +1,6 @@
-"""Markdown table of the `marche bench` JSON files that scripts/bench_gpu.sh writes (per image,
-per phase, speed-up over exact MAR, and milliseconds per AR step: the latency floor)."""
+"""Markdown tables of the `marche bench` JSON files that scripts/bench_gpu.sh writes: per image,
+per phase, speed-up over exact MAR and ms per AR step (mar_*.json); eager vs CUDA-graph units
+in ms per AR step, with their capture time and memory (units_*.json: the latency floor)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,25 @@ def main(out: Path) -> None:
                 f"| {r['s_per_image']:.4f} | {ph['encoder']:.4f} | {ph['decoder']:.4f} "
                 f"| {ph['diffusion_head']:.4f} | {ph['vae']:.4f} "
                 f"| {'-' if speedup is None else f'{speedup:.2f}x'} | {per_step} |"
+            )
+    units = sorted(out.glob("units_*.json"))
+    if units:
+        lines += [
+            "",
+            "| model | batch | mode | eager ms/step | graphs ms/step | speed-up "
+            "| max token diff | units built (s, MiB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for path in units:
+        report = json.loads(path.read_text())
+        built = ", ".join(f"{name} {u['built']} ({u['build_seconds']:.1f} s, "
+                          f"{u['memory_bytes'] / 2**20:.0f} MiB)"
+                          for name, u in report["units"].items())  # fmt: skip
+        for row in report["rows"]:
+            lines.append(
+                f"| {report['model']} | {row['batch']} | {row['mode']} "
+                f"| {row['eager_ms_per_step']:.1f} | {row['units_ms_per_step']:.1f} "
+                f"| {row['speedup']:.2f}x | {row['max_token_diff']:.1e} | {built} |"
             )
     sys.stdout.write("\n".join(lines) + "\n")
 

@@ -25,10 +25,12 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
-    # the diffusion head as one unit per (plan, guided, row bucket): CUDA graphs, inductor, or
-    # eager; auto: CUDA graphs where they measure faster than eager (engine/decode/graphs.py)
-    head_graphs: Literal["off", "static", "compile", "graphs", "auto"] = "auto"
+    # the head and the transformer's plain passes as units per row bucket: CUDA graphs, the
+    # head's loop through inductor, or eager; auto: CUDA graphs where they measure faster than
+    # eager, else eager (engine/decode/graphs.py)
+    graphs: Literal["off", "static", "compile", "graphs", "auto"] = "auto"
     head_buckets: str = Field("1,2,4,8,16,32,64,128,256", description="head rows per unit")
+    pass_buckets: str = Field("1,2,4,8,16,32", description="transformer rows per unit")
     torch_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
 
     # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;
@@ -61,7 +63,7 @@ class ServiceSettings(BaseSettings):
     marche_refresh_period: int = Field(3, ge=1)
     marche_encoder: Literal["cache", "full"] = "cache"
 
-    @field_validator("head_buckets")
+    @field_validator("head_buckets", "pass_buckets")
     @classmethod
     def _buckets(cls, value: str) -> str:
         return ",".join(map(str, parse_buckets(value)))

@@ -43,12 +43,30 @@ def test_bench_gpu_timeouts_fit_in_nine_minutes():
     for name, body in parts.items():
         literal = [int(s) for s in re.findall(r"\btimeout (\d+)\b", body)]
         budgets = [int(s) for s in re.findall(r"\]=(\d+)", body)]
-        runs = re.findall(r"^\s*run ", body, re.M)
+        runs = re.findall(r"^\s*(?:run|units) ", body, re.M)
         assert budgets and runs, name
         assert sum(literal) + sum(budgets) <= 9 * 60 - 15, (name, sum(literal) + sum(budgets))
     latency = parts["latency"]
-    assert latency.count("--compile reduce-overhead") == 2  # batch 1 per size, small batches
-    assert "mar_huge" in latency and "--batch 1 " in latency and "16" in latency
+    assert len(re.findall(r"^\s*units ", latency, re.M)) == 2  # batch 1 per size; small batches
+    assert "mar_huge" in latency and "--batches 1\n" in latency and "--batches 4,16" in latency
+
+
+UNITS = {
+    "model": "mar_base",
+    "units": {"head": {"built": 18, "build_seconds": 2.5, "memory_bytes": 3 * 2**20},
+              "transformer": {"built": 96, "build_seconds": 4.0, "memory_bytes": 2**20}},
+    "rows": [{"mode": "mar", "batch": 1, "eager_ms_per_step": 40.0, "units_ms_per_step": 4.0,
+              "speedup": 10.0, "max_token_diff": 0.002}],
+}  # fmt: skip
+
+
+def test_gpu_table_renders_a_units_report(tmp_path):
+    (tmp_path / "units_mar_base_b1.json").write_text(json.dumps(UNITS))
+    out = subprocess.run([sys.executable, str(GPU_TABLE), str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 1 | mar")]
+    assert row == ["| mar_base | 1 | mar | 40.0 | 4.0 | 10.00x | 2.0e-03 | head 18 (2.5 s, 3 MiB), "
+                   "transformer 96 (4.0 s, 1 MiB) |"]  # fmt: skip
 
 
 def test_gpu_table_renders_a_bench_report(tmp_path):

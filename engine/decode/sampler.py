@@ -22,6 +22,7 @@ from engine.decode.policy import DecodePolicy, make_policy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
 from engine.decode.step import StepEngine
+from engine.decode.transformer import PassUnits
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
 
@@ -47,11 +48,13 @@ def sample_tokens(
     on_step: Callable[[StepInfo], Sequence[bool] | None] | None = None,
     timer: PhaseTimer | NullTimer = NULL_TIMER,
     sample_head: HeadSampler = head_sampling.sample,
+    pass_units: PassUnits | None = None,
 ) -> Tensor:
     """Generate tokens (B, L, C) for class labels (B,), one SamplingParams and one
     randomness per row.
 
-    `sample_head` runs the head (`policy.sample_head`, when set, overrides it). Rows share
+    `sample_head` runs the head (`policy.sample_head`, when set, overrides it), `pass_units`
+    the transformer's full passes (`StepEngine`). Rows share
     `num_iter`; cfg, cfg_schedule and temperature may differ per row (a row is
     guided when its cfg != 1).
 
@@ -64,7 +67,7 @@ def sample_tokens(
     num_iter = params[0].num_iter
     if any(p.num_iter != num_iter for p in params):
         raise ValueError("rows batched together must share num_iter")
-    engine = StepEngine(model, capacity=len(labels), sample_head=sample_head)
+    engine = StepEngine(model, len(labels), sample_head=sample_head, pass_units=pass_units)
     rows = [
         engine.admit(labels[i], p, policy.config, r)
         for i, (p, r) in enumerate(zip(params, randomness, strict=True))

@@ -35,7 +35,7 @@ from engine.decode.pool import SlotPool
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
 from engine.decode.schedules import Step, cfg_scale, step_plan
-from engine.decode.transformer import Call, full_pass
+from engine.decode.transformer import Call, PassUnits, full_pass
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
 
@@ -97,11 +97,13 @@ class StepEngine:
         capacity: int,
         device: torch.device | str | None = None,
         sample_head: HeadSampler = head_sampling.sample,
+        pass_units: PassUnits | None = None,
     ) -> None:
-        """`sample_head`: how the head runs (eager, or `graphs.HeadGraphs`)."""
+        """`sample_head`: how the head runs (eager, or `head_graphs.HeadGraphs`);
+        `pass_units`: full passes as units (`pass_graphs.PassGraphs`; None: eager)."""
         self.model = model
         self.pool = SlotPool(model, capacity, device or model.class_emb.weight.device)
-        self.sample_head = sample_head
+        self.sample_head, self.pass_units = sample_head, pass_units
 
     @property
     def free_slots(self) -> int:
@@ -162,7 +164,7 @@ class StepEngine:
                     group.append(w.calls[half])
         # 2. execute
         if full:
-            full_pass(self.model, self.pool, full, timer)
+            full_pass(self.model, self.pool, full, timer, self.pass_units)
         for config, calls in lazy.items():
             lazy_pass(self.model, self.pool, config, calls, timer)
         for w in work:

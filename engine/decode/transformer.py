@@ -11,6 +11,7 @@ their slots' caches. MARché's lazy steps are in `marche.lazy_pass`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,10 +71,26 @@ def tokens_of(pool: SlotPool, calls: list[Call]) -> Tensor:
     return torch.stack([pool.tokens[c.slot] for c in calls])
 
 
+PassUnits = Callable[..., Tensor | None]  # `pass_graphs.PassGraphs`
+
+
 def full_pass(
-    model: MAR, pool: SlotPool, calls: list[Call], timer: PhaseTimer | NullTimer = NULL_TIMER
+    model: MAR,
+    pool: SlotPool,
+    calls: list[Call],
+    timer: PhaseTimer | NullTimer = NULL_TIMER,
+    units: PassUnits | None = None,
 ) -> None:
-    """Full encoder + decoder for `calls`; sets each call's h and h_all, refills caches."""
+    """Full encoder + decoder for `calls`; sets each call's h and h_all, refills caches.
+    `units` may run a pass that fills no cache (`pass_graphs.PassGraphs`)."""
+    fills = any(c.cache_encoder or c.cache_decoder_from is not None for c in calls)
+    if units is not None and not fills:
+        cls = class_embedding(model, calls)
+        hidden = units(model, tokens_of(pool, calls), [c.known for c in calls], cls, timer)
+        if hidden is not None:  # (G, L, D)
+            for c, h in zip(calls, hidden, strict=True):
+                c.h_all, c.h, c.active = h, h[c.pred], 1.0
+            return
     buf, seq_len = model.cfg.buffer_size, model.cfg.seq_len
     rows = pool.rows([c.pool_row for c in calls])
     lengths = [len(c.known) for c in calls]

@@ -11,6 +11,11 @@ GPU wait for the host (`_local_scalar_dense`, `nonzero`, ...) are counted too. E
 counted on its second run: the first also builds what later runs reuse (schedule tensors,
 caches). From then on the count is deterministic, so a few steps of a random-weight model
 suffice.
+
+With `graphs`, the head and the transformer's plain passes run as units (`graphs.py`, "static"
+mode) and each unit run counts as one call ("replays"), the ops inside it not at all: what a
+step launches on a GPU under CUDA graphs (the glue between units, the copies into their
+buffers, one launch per replay), counted without a GPU.
 """
 
 from __future__ import annotations
@@ -20,8 +25,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    _get_current_dispatch_mode,
+)
 
+from engine.decode.graphs import Units
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import make_policy
 from engine.decode.sampler import StepInfo
@@ -45,6 +55,7 @@ class OpCounter(TorchDispatchMode):
         self.ops: Counter[str] = Counter()
         self.free: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
+        self.replays: Counter[str] = Counter()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -59,6 +70,31 @@ class OpCounter(TorchDispatchMode):
         if func in SYNCS:
             self.syncs[self.current] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def units_as_replays() -> Iterator[None]:
+    """While active, units built run their computation uncounted and count as one call (a
+    graph replay) in the active `OpCounter`."""
+    original = Units.runner
+
+    def runner(self: Units, fn):
+        def replay():
+            counter = _get_current_dispatch_mode()
+            if not isinstance(counter, OpCounter):
+                return fn()
+            counter.ops[counter.current] += 1
+            counter.replays[counter.current] += 1
+            with _disable_current_modes():
+                return fn()
+
+        return replay
+
+    Units.runner = runner  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Units.runner = original  # type: ignore[method-assign]
 
 
 def count_run(
@@ -94,12 +130,21 @@ def dispatch_table(
     params: SamplingParams | None = None,
     marche: MarcheConfig | None = None,
     count_steps: int | None = None,
+    graphs: bool = False,
 ) -> dict:
     """Per mode and batch: operator calls per AR step (each phase but the VAE, which runs once
     per image batch and is reported per run), views and allocations, would-be syncs; averaged
-    over the run's first `count_steps` steps (all when None)."""
+    over the run's first `count_steps` steps (all when None). `graphs`: units count as one
+    call each (module docstring)."""
     pipe = Pipeline.load(model, device="cpu", dtype="fp32", random_weights=model != "digits")
     params = params or pipe.spec.defaults
+    with units_as_replays() if graphs else contextlib.nullcontext():
+        if graphs:
+            pipe.use_graphs("static")
+        return _table(pipe, model, modes, batches, params, marche, count_steps, graphs)
+
+
+def _table(pipe, model, modes, batches, params, marche, count_steps, graphs) -> dict:
     steps = min(count_steps or params.num_iter, params.num_iter)
     rows = []
     for batch in batches:
@@ -115,7 +160,8 @@ def dispatch_table(
                 "vae_ops": c.ops["vae"],
                 "views_per_step": round(sum(c.free[p] for p in PHASES if p != "vae") / steps, 1),
                 "syncs_per_step": round(sum(c.syncs[p] for p in PHASES if p != "vae") / steps, 2),
+                "replays_per_step": round(sum(c.replays.values()) / steps, 1),
                 "other_ops": c.ops["other"],
             })  # fmt: skip
     return {"model": model, "steps": params.num_iter, "counted_steps": steps, "cfg": params.cfg,
-            "rows": rows}  # fmt: skip
+            "graphs": graphs, "rows": rows}  # fmt: skip

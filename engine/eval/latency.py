@@ -1,5 +1,6 @@
-"""`marche bench --head-graphs MODE`: the diffusion head eager vs as one unit per row bucket
-(`engine/decode/graphs.py`), per mode and batch, interleaved in one process.
+"""`marche bench --graphs MODE`: eager vs the diffusion head and the transformer's plain
+passes as units per row bucket (`engine/decode/graphs.py`), per mode and batch, interleaved
+in one process.
 
 Both runners share the pipeline (same weights, same seeds); each round times every (mode,
 batch) with eager then with the units, so a slow spell of a shared machine hits both. Reports
@@ -17,9 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from engine.decode import head as head_sampling
-from engine.decode.graphs import DEFAULT_BUCKETS, build
+from engine.decode.head_graphs import HEAD_BUCKETS
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import PRESETS, make_policy
+from engine.decode.policy import make_policy
 from engine.eval.bench import device_name
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
@@ -36,9 +37,9 @@ def _run(pipe: Pipeline, mode: str, batch: int, params: SamplingParams, marche) 
     return time.perf_counter() - started, tokens.float()
 
 
-def head_graphs_table(
+def units_table(
     model: str,
-    head_mode: str,
+    units_mode: str,
     modes: Sequence[str],
     batches: Sequence[int],
     params: SamplingParams,
@@ -46,36 +47,38 @@ def head_graphs_table(
     dtype: str = "auto",
     repeats: int = 3,
     marche: MarcheConfig | None = None,
-    buckets: str | Sequence[int] = DEFAULT_BUCKETS,
+    head_buckets: str | Sequence[int] = HEAD_BUCKETS,
 ) -> dict:
-    """Eager vs `head_mode` units on `model` (random weights unless digits)."""
+    """Eager vs `units_mode` units on `model` (random weights unless digits)."""
     pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
-    with pipe.autocast():
-        started = time.perf_counter()
-        units = build(pipe.model.diffloss, head_mode, buckets, PRESETS.values())
-        build_s = time.perf_counter() - started
-    if units is None:
-        raise ValueError(f"--head-graphs {head_mode} builds nothing on {pipe.device}")
-    runners = {"eager": head_sampling.sample, head_mode: units}
+    started = time.perf_counter()
+    pipe.use_graphs(units_mode, head_buckets, guided=(params.cfg != 1.0,))
+    build_s = time.perf_counter() - started
+    if pipe.head_graphs is None and pipe.pass_graphs is None:
+        raise ValueError(f"--graphs {units_mode} builds nothing on {pipe.device}")
+    runners = {
+        "eager": (head_sampling.sample, None),
+        units_mode: (pipe.sample_head, pipe.pass_graphs),
+    }
     times: dict[tuple, list[float]] = {}
     diffs: dict[tuple, float] = {}
     for round_ in range(repeats + 1):  # round 0 warms up (and builds lazily captured units)
         for mode in modes:
             for batch in batches:
                 tokens = {}
-                for name, runner in runners.items():
-                    pipe.sample_head = runner
+                for name, (sample_head, pass_units) in runners.items():
+                    pipe.sample_head, pipe.pass_graphs = sample_head, pass_units
                     seconds, tokens[name] = _run(pipe, mode, batch, params, marche)
                     if round_:
                         times.setdefault((mode, batch, name), []).append(seconds)
-                diff = (tokens["eager"] - tokens[head_mode]).abs().max().item()
+                diff = (tokens["eager"] - tokens[units_mode]).abs().max().item()
                 diffs[(mode, batch)] = max(diffs.get((mode, batch), 0.0), diff)
-    pipe.sample_head = head_sampling.sample
+    pipe.sample_head, pipe.pass_graphs = runners[units_mode]
     rows = []
     for mode in modes:
         for batch in batches:
             eager = statistics.median(times[(mode, batch, "eager")]) / params.num_iter
-            unit = statistics.median(times[(mode, batch, head_mode)]) / params.num_iter
+            unit = statistics.median(times[(mode, batch, units_mode)]) / params.num_iter
             rows.append({
                 "mode": mode, "batch": batch, "eager_ms_per_step": eager * 1e3,
                 "units_ms_per_step": unit * 1e3, "speedup": eager / unit,
@@ -86,11 +89,15 @@ def head_graphs_table(
         "device": device_name(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "torch": torch.__version__,
-        "head_graphs": head_mode,
+        "graphs": units_mode,
         "steps": params.num_iter,
         "cfg": params.cfg,
         "repeats": repeats,
         "start_up_build_s": build_s,
-        "units": units.stats.as_dict(),
+        "units": {
+            name: units.stats.as_dict()
+            for name, units in (("head", pipe.head_graphs), ("transformer", pipe.pass_graphs))
+            if units is not None
+        },
         "rows": rows,
     }

@@ -112,8 +112,9 @@ def _load(settings: ServiceSettings) -> Pipeline:
         dtype=settings.dtype,
         random_weights=settings.random_weights,
         compile=settings.compile,
-        head_graphs=settings.head_graphs,
+        graphs=settings.graphs,
         head_buckets=settings.head_buckets,
+        pass_buckets=settings.pass_buckets,
     )
 
 
@@ -156,10 +157,10 @@ class LocalEngineClient:
 
     async def info(self) -> dict[str, Any]:
         running, waiting = self.worker.counts()
-        graphs = self.pipeline.head_graphs
+        units = {"head": self.pipeline.head_graphs, "transformer": self.pipeline.pass_graphs}
         return {
             **self._info,
-            "head_graphs": graphs.stats.as_dict() if graphs else {"mode": "off"},
+            "graphs": {k: u.stats.as_dict() if u else {"mode": "off"} for k, u in units.items()},
             "ready": self.worker.ready,
             "running": running,
             "waiting": waiting,

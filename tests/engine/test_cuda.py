@@ -66,12 +66,12 @@ def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode):
 def test_head_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
     """One CUDA graph per (plan, guided, row bucket), captured on first use and replayed:
     the captured kernels are eager's, so fp32 tokens agree to rounding, and bf16 runs."""
-    from engine.decode.graphs import DEFAULT_BUCKETS, HeadGraphs
+    from engine.decode.head_graphs import HEAD_BUCKETS, HeadGraphs
 
     torch.backends.cuda.matmul.allow_tf32 = False
     eager = run(cuda_deep, make_policy(mode))
     policy = make_policy(mode)
-    policy.sample_head = units = HeadGraphs(cuda_deep.diffloss, "graphs", (*DEFAULT_BUCKETS, 512))
+    policy.sample_head = units = HeadGraphs(cuda_deep.diffloss, "graphs", (*HEAD_BUCKETS, 512))
     torch.testing.assert_close(run(cuda_deep, policy), eager, atol=1e-4, rtol=1e-4)
     assert units.stats.hits > 0 and units.stats.misses == 0 and units.stats.built > 0
     again = make_policy(mode)  # replays only: no capture on a second run

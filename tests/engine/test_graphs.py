@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from engine.decode import head as head_sampling
-from engine.decode.graphs import HeadGraphs, bucket_for, build, compiled_loop, parse_buckets
+from engine.decode.compiled_head import compiled_loop
+from engine.decode.graphs import bucket_for, parse_buckets
 from engine.decode.head import HeadConfig, HeadPlan, HeadPolicy, clipped_schedule
+from engine.decode.head_graphs import HeadGraphs, build_head
 from engine.decode.policy import MODES, PRESETS, make_policy
 from engine.decode.step import StepEngine
 from engine.model.config import SamplingParams
@@ -80,10 +82,10 @@ def test_calls_the_units_cannot_serve_run_eager_and_are_counted(deep):
 def test_graphs_need_cuda_and_auto_is_eager_off_the_gpu(deep):
     with pytest.raises(ValueError, match="CUDA"):
         HeadGraphs(deep.diffloss, "graphs")
-    assert build(deep.diffloss, "auto", "1,4", PRESETS.values()) is None
-    assert build(deep.diffloss, "off", "1,4", PRESETS.values()) is None
-    with pytest.raises(ValueError, match="head graphs must be one of"):
-        build(deep.diffloss, "fast", "1,4", PRESETS.values())
+    assert build_head(deep.diffloss, "auto", "1,4", PRESETS.values()) is None
+    assert build_head(deep.diffloss, "off", "1,4", PRESETS.values()) is None
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        build_head(deep.diffloss, "fast", "1,4", PRESETS.values())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,7 +147,7 @@ def test_the_compiled_loop_agrees_with_eager_in_fp32_and_bf16(deep):
 def test_the_pipeline_and_its_step_engines_use_the_units(deep):
     from engine.pipeline import Pipeline
 
-    pipe = Pipeline.load("digits", head_graphs="static", head_buckets="4,16,64")
+    pipe = Pipeline.load("digits", graphs="static", head_buckets="4,16,64")
     assert pipe.head_graphs is not None and pipe.head_graphs.stats.built == 3 * 2  # guided x2
     assert pipe.step_engine(1).sample_head is pipe.head_graphs
     tokens = pipe.generate_tokens([3], [1], SamplingParams(num_iter=16, cfg=3.0))

@@ -68,7 +68,7 @@ def test_rows_at_different_steps_share_one_transformer_pass(deep, monkeypatch):
     monkeypatch.setattr(
         step_module,
         "full_pass",
-        lambda m, p, calls, t: passes.append(len(calls)) or real(m, p, calls, t),
+        lambda m, p, calls, *rest: passes.append(len(calls)) or real(m, p, calls, *rest),
     )
     engine = StepEngine(deep, capacity=3)
     first = engine.admit(1, GUIDED, PRESETS["mar"], rng(deep, 1))

@@ -50,6 +50,7 @@ def test_health_info_classes(client):
     info = client.get("/info").json()
     assert info["model"] == "digits" and info["num_classes"] == 10 and info["ready"]
     assert info["defaults"]["mode"] == "marche" and info["marche"]["budget"] == 64
+    assert info["graphs"] == {"head": {"mode": "off"}, "transformer": {"mode": "off"}}  # CPU: auto
     classes = client.get("/classes").json()["classes"]
     assert [c["id"] for c in classes] == list(range(10))
     assert client.get("/docs").status_code == 200
@@ -261,3 +262,22 @@ def test_stream_with_a_full_queue_is_a_plain_503():
         r = c.post("/generate/stream", json={"class_id": 1, **FAST})
         assert r.status_code == 503 and 1 < int(r.headers["retry-after"]) <= 600
         assert all(f.result().status_code == 200 for f in accepted)
+
+
+def test_units_serve_the_same_image_and_are_reported():
+    """MARCHE_GRAPHS=static: the head and exact MAR's passes run as padded units (what CUDA
+    graphs replay), built at start-up and reported in /info; the image is eager's."""
+    body = {"class_id": 3, "cfg": 3.0, "seed": 5, "mode": "mar", **FAST}
+    with make_client() as eager:
+        wait_ready(eager)
+        expected = pixels(eager.post("/generate", json=body).content)
+    with make_client(graphs="static", head_buckets="1,2,4,8,16,32,64") as units:
+        wait_ready(units)
+        before = units.get("/info").json()["graphs"]
+        image = pixels(units.post("/generate", json=body).content).astype(int)
+        assert abs(image - expected.astype(int)).max() <= 1  # 8-bit pixels: rounding at most
+        after = units.get("/info").json()["graphs"]
+    assert before["head"]["mode"] == "static" and before["head"]["built"] >= 7 * 2
+    assert before["transformer"]["built"] == 6 * 8  # rows 1..32 x every L/8 known tokens
+    assert after["head"]["hits"] > before["head"]["hits"]
+    assert after["transformer"]["hits"] == before["transformer"]["hits"] + FAST["steps"]

@@ -1,0 +1,75 @@
+"""The transformer's plain full pass as units per (row bucket, known-token bucket)
+(`engine/decode/pass_graphs.py`): exact MAR under the units equals eager, a row's image does
+not depend on its batch mates or on how many pad rows and pad tokens its passes had, passes
+that fill caches stay eager, and passes no unit holds run eager and are counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.decode.pass_graphs import PassGraphs, build_pass
+from engine.decode.policy import MODES, PRESETS, make_policy
+from engine.decode.randomness import request_randomness
+from engine.decode.sampler import sample_tokens
+from engine.decode.step import StepEngine
+from tests.engine.test_step import GUIDED, MATES, assert_same_image, drive, rng
+
+
+def run(model, mode, units, classes=(3, 5), seeds=(1, 2)):
+    randomness = request_randomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    return sample_tokens(model, torch.tensor(classes), [GUIDED] * len(classes), randomness,
+                         make_policy(mode), pass_units=units)  # fmt: skip
+
+
+def test_the_default_buckets_cover_every_pass_of_a_batch_of_16(deep):
+    units = PassGraphs(deep, "static")
+    assert units.buckets == (1, 2, 4, 8, 16, 32)  # 16 images x 2 CFG halves
+    assert units.lengths == tuple(range(32, 257, 32))  # every L/8 known tokens
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_under_the_units_equals_eager(deep, mode):
+    """mar's passes run as units (padded rows and tokens, masked); MARché's full passes fill
+    caches and stay eager: either way the tokens are eager's."""
+    units = PassGraphs(deep, "static")
+    assert_same_image(run(deep, mode, units), run(deep, mode, None))
+    if mode == "mar":
+        assert units.stats.hits == GUIDED.num_iter and units.stats.misses == 0
+        assert units.stats.padded_rows == 0  # 2 images x 2 CFG halves: bucket 4
+    else:
+        assert units.stats.hits == 0  # every full pass of MARché fills its caches
+
+
+def test_an_image_under_the_units_does_not_depend_on_batch_mates_or_pads(deep):
+    """A mar row alone (1 row bucket, fine length buckets) equals the row joining a busy
+    batch mid-way, in one 32-row bucket whose known tokens are padded to all 256."""
+    alone_units = PassGraphs(deep, "static", buckets=(1, 2), lengths=range(8, 257, 8))
+    few = StepEngine(deep, 1, pass_units=alone_units)
+    alone = few.admit(5, GUIDED, PRESETS["mar"], rng(deep, 2))
+    drive(few, [alone], lambda: alone.finished)
+    padded = PassGraphs(deep, "static", buckets=(32,), lengths=(256,))
+    many = StepEngine(deep, 4, pass_units=padded)
+    mates = [many.admit(c, p, PRESETS["mar"], rng(deep, s)) for c, s, p, _ in MATES]
+    drive(many, mates, lambda: mates[0].done == 3)
+    ours = many.admit(5, GUIDED, PRESETS["mar"], rng(deep, 2))
+    drive(many, [*mates, ours], lambda: ours.finished)
+    assert padded.stats.hits > 0 and padded.stats.padded_rows > alone_units.stats.padded_rows
+    assert_same_image(many.tokens([ours]), few.tokens([alone]))
+
+
+def test_passes_no_unit_holds_run_eager_and_are_counted(deep):
+    units = PassGraphs(deep, "static", buckets=(1, 2))  # a guided pair of images is 4 rows
+    assert_same_image(run(deep, "mar", units), run(deep, "mar", None))
+    assert (units.stats.hits, units.stats.misses) == (0, GUIDED.num_iter)
+
+
+def test_modes_the_transformer_units_do_not_take(deep):
+    with pytest.raises(ValueError, match="static or as CUDA graphs"):
+        PassGraphs(deep, "compile")
+    with pytest.raises(ValueError, match="CUDA"):
+        PassGraphs(deep, "graphs")
+    assert build_pass(deep, "compile", "1,2") is None  # compile: the head only
+    assert build_pass(deep, "auto", "1,2") is None  # auto off CUDA: eager
+    units = build_pass(deep, "static", "1,2")
+    assert units is not None and units.stats.built == 2 * len(units.lengths)
