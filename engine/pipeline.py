@@ -123,10 +123,10 @@ class Pipeline:
         guided: Sequence[bool] = (True, False),
     ) -> None:
         """Run the diffusion head and the transformer's plain full passes as units per row
-        bucket (engine/decode/graphs.py): "graphs" (CUDA graphs), "compile" (the head's
-        loop through inductor), "static", "off", or "auto" (CUDA graphs where they measure
-        faster than eager on this device; elsewhere eager). Builds them now, for `guided` (cfg != 1)
-        rows, unguided ones, or both."""
+        bucket (engine/decode/graphs.py): "graphs" (CUDA graphs), "compile" (inductor),
+        "static", "off", or "auto" (CUDA graphs where they measure faster than eager on this
+        device; elsewhere eager). Builds them now; the head's for `guided` (cfg != 1) rows,
+        unguided ones, or both."""
         with self.autocast():
             self.head_graphs = build_head(
                 self.model.diffloss, mode, head_buckets, PRESETS.values(), guided

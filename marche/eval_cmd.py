@@ -212,6 +212,9 @@ def bench(
     head_buckets: Annotated[
         str, typer.Option(help="with --graphs: the head's row buckets")
     ] = "1,2,4,8,16,32,64,128,256",
+    pass_buckets: Annotated[
+        str, typer.Option(help="with --graphs: the transformer's row buckets")
+    ] = "1,2,4,8,16,32",
     count_steps: Annotated[
         int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
     ] = None,
@@ -239,7 +242,8 @@ def bench(
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
             report = units_table(models[0], graphs, mode_list, sizes, params, device,
-                                       dtype, repeats, knobs, head_buckets)  # fmt: skip
+                                       dtype, repeats, knobs, head_buckets,
+                                       pass_buckets)  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
 

@@ -28,7 +28,7 @@ def serve(
         str | None,
         typer.Option(
             help="head and transformer as units per row bucket: auto (CUDA graphs where "
-            "faster), off, graphs, compile (the head), static"
+            "faster), off, graphs, compile (inductor), static"
         ),
     ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="run under Ray Serve")] = False,

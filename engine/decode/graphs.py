@@ -17,9 +17,8 @@ Modes (`GRAPH_MODES`):
   later shapes on first use (a capture costs about two eager runs); all graphs share one
   memory pool: they never run concurrently and each output is copied out before the next
   replay.
-* ``compile``: the head's whole DDPM loop through inductor (`compiled_head.py`), at start-up
-  only (on CPU about 10-25 s per unit); the transformer stays eager (a compile per row and
-  length bucket is too slow a start-up).
+* ``compile``: inductor, at start-up only (on CPU about 10-25 s per unit): the head's whole
+  DDPM loop (`compiled_head.py`), the transformer's encoder and decoder per unit.
 * ``static``: the eager code on the padded static buffers, without capture: the units'
   bookkeeping on any device (what the CPU tests exercise), and a control for the padding cost.
 * ``auto``: ``graphs`` on CUDA where a unit measures faster than eager there, else eager.
@@ -97,11 +96,16 @@ class Units:
         return f"{type(self).__name__}({self.stats})"
 
     def runner(self, fn: Callable[[], T]) -> Callable[[], T]:
-        """`fn` (a computation over static buffers) as this mode runs it: as it is, or
-        captured in a CUDA graph (warmed on a side stream first, so that lazy initialisation
-        and allocator growth happen outside the capture)."""
-        if self.mode != "graphs":
+        """`fn` (a computation over static buffers) as this mode runs it: as it is, compiled
+        by inductor (now, not while serving), or captured in a CUDA graph (warmed on a side
+        stream first, so that lazy initialisation and allocator growth happen outside the
+        capture)."""
+        if self.mode == "static":
             return fn
+        if self.mode == "compile":
+            compiled = torch.compile(fn, dynamic=False, fullgraph=True, isolate_recompiles=True)
+            compiled()
+            return compiled
         free_before = self.free_memory()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -110,7 +114,8 @@ class Units:
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: another thread's CUDA calls (an HTTP handler) cannot break a capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = fn()
         self.stats.memory_bytes += max(0, (free_before or 0) - (self.free_memory() or 0))
 

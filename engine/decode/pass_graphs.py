@@ -63,8 +63,6 @@ class PassGraphs(Units):
         lengths: str | Sequence[int] | None = None,
     ) -> None:
         super().__init__(mode, model.class_emb.weight.device, buckets)
-        if mode == "compile":
-            raise ValueError("the transformer's units run static or as CUDA graphs")
         seq_len = model.cfg.seq_len
         step = max(1, seq_len // 8)
         self.model, self.buckets = model, self.stats.buckets
@@ -133,7 +131,9 @@ class PassGraphs(Units):
                 x = block(x)
             return x[:, buf:]
 
-        run_encoder = self.runner(encoder)  # allocates b.enc (outside any capture)
+        if self.mode == "compile":
+            encoder()  # allocates b.enc outside the compiled code (graphs: in the warm-up)
+        run_encoder = self.runner(encoder)
         unit = (b, run_encoder, self.runner(decoder))
         self.count_buffers(b.tokens, b.known_enc, b.known_dec, b.cls, b.key_mask, b.enc)
         self._units[(rows, length)] = unit
@@ -143,12 +143,13 @@ class PassGraphs(Units):
 
 
 def build_pass(model: MAR, mode: str, buckets: str | Sequence[int]) -> PassGraphs | None:
-    """The transformer's units for `mode`; None means eager ("off", "compile", and "auto"
-    off CUDA or where the units measure slower than eager)."""
+    """The transformer's units for `mode`; None means eager ("off", and "auto" off CUDA or
+    where the units measure slower than eager). "compile" compiles every unit at start-up:
+    on a CPU ~10 s each, so give it few buckets."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}: {mode!r}")
     device = model.class_emb.weight.device
-    if mode in ("off", "compile") or (mode == "auto" and device.type != "cuda"):
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
     units = PassGraphs(model, "graphs" if mode == "auto" else mode, buckets)
     if mode == "auto":

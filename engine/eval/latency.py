@@ -20,6 +20,7 @@ import torch
 from engine.decode import head as head_sampling
 from engine.decode.head_graphs import HEAD_BUCKETS
 from engine.decode.marche import MarcheConfig
+from engine.decode.pass_graphs import PASS_BUCKETS
 from engine.decode.policy import make_policy
 from engine.eval.bench import device_name
 from engine.model.config import SamplingParams
@@ -48,11 +49,12 @@ def units_table(
     repeats: int = 3,
     marche: MarcheConfig | None = None,
     head_buckets: str | Sequence[int] = HEAD_BUCKETS,
+    pass_buckets: str | Sequence[int] = PASS_BUCKETS,
 ) -> dict:
     """Eager vs `units_mode` units on `model` (random weights unless digits)."""
     pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
     started = time.perf_counter()
-    pipe.use_graphs(units_mode, head_buckets, guided=(params.cfg != 1.0,))
+    pipe.use_graphs(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,))
     build_s = time.perf_counter() - started
     if pipe.head_graphs is None and pipe.pass_graphs is None:
         raise ValueError(f"--graphs {units_mode} builds nothing on {pipe.device}")
