@@ -154,3 +154,13 @@ def test_the_pipeline_and_its_step_engines_use_the_units(deep):
     assert pipe.head_graphs.stats.hits == 16 and pipe.head_graphs.stats.misses == 0
     pipe.sample_head = head_sampling.sample
     assert_same_image(tokens, pipe.generate_tokens([3], [1], SamplingParams(num_iter=16, cfg=3.0)))
+
+
+def test_auto_measures_eager_against_a_unit_without_counting_hits(deep):
+    """What "auto" runs on CUDA before keeping the units, exercised on any device."""
+    from engine.decode.head_graphs import measure
+
+    units = HeadGraphs(deep.diffloss, "static", buckets=(2,))
+    eager_s, unit_s = measure(units, HeadPolicy().plan(deep.diffloss, 0, 8), 2)
+    assert eager_s > 0 and unit_s > 0
+    assert (units.stats.hits, units.stats.misses, units.stats.built) == (0, 0, 1)
