@@ -81,10 +81,15 @@ class PassGraphs(Units):
         positions per row, class embeddings (G, D)), or None: run it eager."""
         g, n = len(known), max(len(k) for k in known)
         rows, length = bucket_for(g, self.buckets), bucket_for(max(n, 1), self.lengths)
-        if model is not self.model or rows is None or length is None:
+        unit = None
+        if model is self.model and rows is not None and length is not None:
+            unit = self._units.get((rows, length))
+            if unit is None and self.mode != "compile":  # never compile while serving
+                unit = self._build(rows, length)
+        if unit is None:
             self.stats.misses += 1
             return None
-        buffers, encoder, decoder = self._units.get((rows, length)) or self._build(rows, length)
+        buffers, encoder, decoder = unit
         buffers.load(tokens, known, cls, model.cfg.seq_len)
         self.stats.hits += 1
         self.stats.padded_rows += rows - g
@@ -93,10 +98,11 @@ class PassGraphs(Units):
         with timer.phase("decoder"):
             return decoder()[:g].clone()  # the next run overwrites its output
 
-    def warm(self) -> None:
-        """Build every (rows, length) unit now, largest first, and log time and memory."""
+    def warm(self, buckets: Sequence[int] | None = None) -> None:
+        """Build every (rows, length) unit of these row buckets (default: all) now, largest
+        first, and log time and memory."""
         started = time.perf_counter()
-        for rows in reversed(self.buckets):
+        for rows in reversed(buckets or self.buckets):
             for length in reversed(self.lengths):
                 if (rows, length) not in self._units:
                     self._build(rows, length)

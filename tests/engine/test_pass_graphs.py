@@ -78,10 +78,12 @@ def test_compiled_units_agree_with_eager_in_fp32_and_bf16(deep):
     """Inductor's encoder and decoder for one (rows, length) unit: exact MAR's tokens within
     1e-5 of their scale in fp32 (fused kernels round differently); under bf16 autocast (8-bit
     mantissa) within 2e-2 of eager's bf16 tokens."""
-    units = PassGraphs(deep, "compile", buckets=(4,), lengths=(256,))
-    units.warm()
+    units = PassGraphs(deep, "compile", buckets=(4, 8), lengths=(256,))
+    units.warm(buckets=(4,))  # bucket 8 is left unbuilt
     assert_same_image(run(deep, "mar", units), run(deep, "mar", None))
     assert (units.stats.built, units.stats.hits, units.stats.misses) == (1, GUIDED.num_iter, 0)
+    run(deep, "mar", units, classes=(3, 5, 7), seeds=(1, 2, 3))  # 6 rows: bucket 8 ...
+    assert (units.stats.built, units.stats.misses) == (1, GUIDED.num_iter)  # ... never compiled
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = PassGraphs(deep, "compile", buckets=(4,), lengths=(256,))
         bf16.warm()
