@@ -12,14 +12,16 @@ from pathlib import Path
 def main(out: Path) -> None:
     info = out / "device.txt"
     device = info.read_text().splitlines()[0] if info.exists() else "?"
-    lines = [
-        f"Device: {device}",
-        "",
-        "| model | compile | batch | mode | s/image | encoder | decoder | head | VAE | vs mar "
-        "| ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path in sorted(out.glob("mar_*.json")):
+    lines = [f"Device: {device}"]
+    reports = sorted(out.glob("mar_*.json"))
+    if reports:
+        lines += [
+            "",
+            "| model | compile | batch | mode | s/image | encoder | decoder | head | VAE | vs mar "
+            "| ms/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for path in reports:
         report = json.loads(path.read_text())
         for mode, r in report["modes"].items():
             ph = r["phases_s_per_image"]

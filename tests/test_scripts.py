@@ -64,6 +64,7 @@ def test_gpu_table_renders_a_units_report(tmp_path):
     (tmp_path / "units_mar_base_b1.json").write_text(json.dumps(UNITS))
     out = subprocess.run([sys.executable, str(GPU_TABLE), str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
+    assert "| model | compile |" not in out  # no empty throughput table
     row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 1 | mar")]
     assert row == ["| mar_base | 1 | mar | 40.0 | 4.0 | 10.00x | 2.0e-03 | head 18 (2.5 s, 3 MiB), "
                    "transformer 96 (4.0 s, 1 MiB) |"]  # fmt: skip
