@@ -87,6 +87,8 @@ def serve(
     import uvicorn
 
     from service.http.app import build_app
+
+    _log_to_stderr("engine", "service")  # start-up facts: units built, their time and memory
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
@@ -99,6 +101,19 @@ def serve(
     if host in ("0.0.0.0", "::"):
         typer.echo(f"marche serve: listening on every interface ({host}:{port})", err=True)
     server.run()
+
+
+def _log_to_stderr(*names: str) -> None:
+    """INFO lines of our own loggers on stderr, as uvicorn prints its own (under Ray, Serve
+    collects them)."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
 
 
 def _check_weights() -> None:

@@ -168,6 +168,7 @@ def build_head(
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}: {mode!r}")
     device = head.net.input_proj.weight.device
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        log.info("head: eager (graphs %s on %s)", mode, device.type)
         return None
     plans = head_plans(head, configs)
     units = HeadGraphs(head, "graphs" if mode == "auto" else mode, buckets)

@@ -156,6 +156,7 @@ def build_pass(model: MAR, mode: str, buckets: str | Sequence[int]) -> PassGraph
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}: {mode!r}")
     device = model.class_emb.weight.device
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        log.info("transformer: eager (graphs %s on %s)", mode, device.type)
         return None
     units = PassGraphs(model, "graphs" if mode == "auto" else mode, buckets)
     if mode == "auto":
