@@ -122,7 +122,7 @@ class Pipeline:
         pass_buckets: str | Sequence[int] = PASS_BUCKETS,
         guided: Sequence[bool] = (True, False),
     ) -> None:
-        """Run the diffusion head and the transformer's plain full passes as units per row
+        """Run the diffusion head and the transformer's full passes as units per row
         bucket (engine/decode/graphs.py): "graphs" (CUDA graphs), "compile" (inductor),
         "static", "off", or "auto" (CUDA graphs where they measure faster than eager on this
         device; elsewhere eager). Builds them now; the head's for `guided` (cfg != 1) rows,

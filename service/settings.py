@@ -25,7 +25,7 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
-    # the head and the transformer's plain passes as units per row bucket: CUDA graphs, the
+    # the head and the transformer's full passes as units per row bucket: CUDA graphs, the
     # head's loop through inductor, or eager; auto: CUDA graphs where they measure faster than
     # eager, else eager (engine/decode/graphs.py)
     graphs: Literal["off", "static", "compile", "graphs", "auto"] = "auto"

@@ -6,8 +6,9 @@ kernel launch. A phase whose shapes are fixed is a pure function of a few static
 it can run as one unit, keyed by its row bucket as vLLM keys its decode graphs by batch size:
 
 * the diffusion head, per (plan, guided, row bucket): `head_graphs.HeadGraphs`;
-* the transformer's full pass (encoder, decoder), per (row bucket, known-token bucket), with
-  pad tokens masked out of attention: `pass_graphs.PassGraphs`.
+* the transformer's full pass (encoder, decoder; MARché's cache refills included), per (row
+  bucket, known-token bucket), with pad tokens masked out of attention:
+  `pass_graphs.PassGraphs`.
 
 Modes (`GRAPH_MODES`):
 

@@ -1,18 +1,23 @@
 """The transformer's full pass as two units (encoder, decoder) per (row bucket, known-token
 bucket) (modes: `graphs.py`).
 
-A full pass without cache fills (exact MAR's every step) has ragged shapes: G rows (CFG
+A full pass (exact MAR's every step, MARché's full steps) has ragged shapes: G rows (CFG
 halves), each with its own number of known tokens. Padded to a row bucket and a known-token
 bucket (every L/8 tokens by default), with pad tokens masked out of the encoder's attention
 and scattered into the decoder's scratch slot as the eager pass does, it becomes a fixed
 computation over static buffers: the encoder (embedding, blocks, norm) and the decoder
-(scatter into mask tokens, blocks). Passes that fill MARché's caches, and shapes above the
-largest buckets, run eager (counted as misses).
+(scatter into mask tokens, blocks). A pass that refills MARché's caches also writes each
+row's K/V (and encoder outputs) into the step engine's slot pool at its pool row, as the
+eager pass does; pad rows write to the pool's scratch row, which nothing reads, and pad
+tokens to slots past the row's length, which readers never reach (the eager pass writes its
+ragged rows' padding the same way). Such units are bound to their pool. Shapes above the
+largest buckets run eager (counted as misses). MARché's lazy steps stay eager.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,8 +25,9 @@ import torch
 from torch import Tensor
 
 from engine.decode.graphs import GRAPH_MODES, Units, bucket_for, compare, log, parse_buckets
+from engine.decode.pool import SlotPool, to_device
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.decode.transformer import pad
+from engine.decode.transformer import Fill, pad
 from engine.model.mar import MAR
 
 PASS_BUCKETS = (1, 2, 4, 8, 16, 32)  # transformer rows (CFG halves) per pass
@@ -36,6 +42,7 @@ class _Buffers:
     known_dec: Tensor  # (G, n) known positions; pads L (the decoder's scratch slot)
     cls: Tensor  # (G, D) class (or null) embedding
     key_mask: Tensor  # (G, buffer + n) True at the buffer and known tokens
+    pool_rows: Tensor  # (G,) fills: each row's pool row; pad rows the pool's scratch row
     enc: Tensor | None = None  # (G, buffer + n, D) encoder output, allocated at first run
 
     def load(self, tokens: Tensor, known: list[Tensor], cls: Tensor, seq_len: int) -> None:
@@ -50,10 +57,15 @@ class _Buffers:
         self.known_dec[:g, n:].fill_(seq_len)
         torch.ne(self.known_dec[:g], seq_len, out=self.key_mask[:g, buf:])
 
+    def load_rows(self, fill: Fill) -> None:
+        rows = fill.pool_rows + [fill.pool.scratch] * (len(self.pool_rows) - len(fill.pool_rows))
+        self.pool_rows.copy_(to_device(rows, self.pool_rows.device), non_blocking=True)
+
 
 class PassGraphs(Units):
-    """Runs full passes without cache fills as units; `__call__` returns None when none
-    serves the pass (the caller runs it eager)."""
+    """Runs full passes as units; `__call__` returns None when none serves the pass (the
+    caller runs it eager). Passes that fill MARché's caches write into one step engine's
+    pool, so their units are bound to it (built on first use, never under compile)."""
 
     def __init__(
         self,
@@ -67,7 +79,9 @@ class PassGraphs(Units):
         step = max(1, seq_len // 8)
         self.model, self.buckets = model, self.stats.buckets
         self.lengths = parse_buckets(lengths or range(step, seq_len + step, step))
-        self._units: dict[tuple[int, int], tuple[_Buffers, Callable, Callable]] = {}
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._units: dict[tuple, tuple[Callable, Callable]] = {}  # passes that fill nothing
+        self._fills: weakref.WeakKeyDictionary[SlotPool, dict] = weakref.WeakKeyDictionary()
 
     def __call__(
         self,
@@ -76,6 +90,7 @@ class PassGraphs(Units):
         known: list[Tensor],
         cls: Tensor,
         timer: PhaseTimer | NullTimer = NULL_TIMER,
+        fill: Fill | None = None,
     ) -> Tensor | None:
         """(G, L, D) hidden states before decoder_norm for G rows (tokens (G, L, C), known
         positions per row, class embeddings (G, D)), or None: run it eager."""
@@ -83,14 +98,19 @@ class PassGraphs(Units):
         rows, length = bucket_for(g, self.buckets), bucket_for(max(n, 1), self.lengths)
         unit = None
         if model is self.model and rows is not None and length is not None:
-            unit = self._units.get((rows, length))
+            key = (rows, length) if fill is None else (rows, length, fill.encoder,
+                                                       fill.decoder_from)  # fmt: skip
+            units = self._units if fill is None else self._fills.setdefault(fill.pool, {})
+            unit = units.get(key)
             if unit is None and self.mode != "compile":  # never compile while serving
-                unit = self._build(rows, length)
+                unit = units[key] = self._build(rows, length, fill)
         if unit is None:
             self.stats.misses += 1
             return None
-        buffers, encoder, decoder = unit
+        buffers, (encoder, decoder) = self._buffers[(rows, length)], unit
         buffers.load(tokens, known, cls, model.cfg.seq_len)
+        if fill is not None:
+            buffers.load_rows(fill)
         self.stats.hits += 1
         self.stats.padded_rows += rows - g
         with timer.phase("encoder"):
@@ -99,50 +119,68 @@ class PassGraphs(Units):
             return decoder()[:g].clone()  # the next run overwrites its output
 
     def warm(self, buckets: Sequence[int] | None = None) -> None:
-        """Build every (rows, length) unit of these row buckets (default: all) now, largest
-        first, and log time and memory."""
+        """Build every plain (rows, length) unit of these row buckets (default: all) now,
+        largest first, and log time and memory."""
         started = time.perf_counter()
         for rows in reversed(buckets or self.buckets):
             for length in reversed(self.lengths):
                 if (rows, length) not in self._units:
-                    self._build(rows, length)
+                    self._units[(rows, length)] = self._build(rows, length, None)
         self.log_built("transformer", len(self._units), time.perf_counter() - started)
 
-    def _build(self, rows: int, length: int) -> tuple:
-        started = time.perf_counter()
-        model, dev, cfg = self.model, self.device, self.model.cfg
-        buf = cfg.buffer_size
-        key_mask = torch.zeros(rows, buf + length, dtype=torch.bool, device=dev)
-        key_mask[:, :buf] = True
-        b = _Buffers(
-            tokens=torch.zeros(rows, cfg.seq_len, cfg.token_embed_dim, device=dev),
-            known_enc=torch.zeros(rows, length, dtype=torch.long, device=dev),
-            known_dec=torch.full((rows, length), cfg.seq_len, dtype=torch.long, device=dev),
-            cls=torch.zeros(rows, cfg.encoder_embed_dim, device=dev),
-            key_mask=key_mask,
-        )
+    def _buffers_for(self, rows: int, length: int) -> _Buffers:
+        if (rows, length) not in self._buffers:
+            dev, cfg = self.device, self.model.cfg
+            key_mask = torch.zeros(rows, cfg.buffer_size + length, dtype=torch.bool, device=dev)
+            key_mask[:, : cfg.buffer_size] = True
+            b = self._buffers[(rows, length)] = _Buffers(
+                tokens=torch.zeros(rows, cfg.seq_len, cfg.token_embed_dim, device=dev),
+                known_enc=torch.zeros(rows, length, dtype=torch.long, device=dev),
+                known_dec=torch.full((rows, length), cfg.seq_len, dtype=torch.long, device=dev),
+                cls=torch.zeros(rows, cfg.encoder_embed_dim, device=dev),
+                key_mask=key_mask,
+                pool_rows=torch.zeros(rows, dtype=torch.long, device=dev),
+            )
+            self.count_buffers(b.tokens, b.known_enc, b.known_dec, b.cls, b.key_mask)
+        return self._buffers[(rows, length)]
 
-        def encoder() -> None:
+    def _build(self, rows: int, length: int, fill: Fill | None) -> tuple[Callable, Callable]:
+        started = time.perf_counter()
+        model, buf = self.model, self.model.cfg.buffer_size
+        b = self._buffers_for(rows, length)
+        depth = len(model.decoder_blocks)
+        pool = None if fill is None else fill.pool
+        fill_encoder = fill is not None and fill.encoder
+        fill_from = depth if fill is None else fill.decoder_from
+
+        def encoder() -> None:  # as transformer.full_pass's encoder phase
             x = model.encoder_input(b.tokens, b.known_enc, b.cls)  # (G, buffer + n, D)
-            for block in model.encoder_blocks:
-                x = block(x, b.key_mask)
+            for i, block in enumerate(model.encoder_blocks):
+                if fill_encoder:
+                    k, v = pool.kv("enc", i, block, x)
+                    x = block.forward_fill(x, k, v, b.pool_rows, b.key_mask)
+                else:
+                    x = block(x, b.key_mask)
             out = model.encoder_norm(x)
+            if fill_encoder:
+                pool.enc_out(out)[b.pool_rows, : out.shape[1]] = out
             if b.enc is None:
                 b.enc = torch.empty_like(out)
             b.enc.copy_(out)
 
-        def decoder() -> Tensor:
+        def decoder() -> Tensor:  # as transformer.full_pass's decoder phase
             x = model.decoder_input(b.enc, b.known_dec)  # (G, buffer + L, D)
-            for block in model.decoder_blocks:
-                x = block(x)
+            for i, block in enumerate(model.decoder_blocks):
+                if i >= fill_from:
+                    k, v = pool.kv("dec", i, block, x)
+                    x = block.forward_fill(x, k, v, b.pool_rows, None)
+                else:
+                    x = block(x)
             return x[:, buf:]
 
         if self.mode == "compile":
             encoder()  # allocates b.enc outside the compiled code (graphs: in the warm-up)
-        run_encoder = self.runner(encoder)
-        unit = (b, run_encoder, self.runner(decoder))
-        self.count_buffers(b.tokens, b.known_enc, b.known_dec, b.cls, b.key_mask, b.enc)
-        self._units[(rows, length)] = unit
+        unit = (self.runner(encoder), self.runner(decoder))
         self.stats.built += 1
         self.stats.build_seconds += time.perf_counter() - started
         return unit

@@ -4,9 +4,10 @@ Every image in flight owns one slot from admission to retirement (vLLM's KV-cach
 block per image). A slot holds the image's tokens and, for each CFG half ("twin"), MARché's
 encoder and decoder K/V caches, the encoder output cache, and the condition cache's
 h_uncond - h_cond. Pool row `slot` is the conditional twin, `slot + capacity` the
-unconditional one. Buffers are allocated at their first use (in the dtype autocast gives
-their contents) at full capacity and never grow; a released slot is reused as it is (every
-reader is bounded by lengths the new owner writes first).
+unconditional one; one more pool row, `scratch`, takes the writes of a padded pass's pad rows
+(`pass_graphs`) and is never read. Buffers are allocated at their first use (in the dtype
+autocast gives their contents) at full capacity and never grow; a released slot is reused as
+it is (every reader is bounded by lengths the new owner writes first).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class SlotPool:
         self.num_slots = cfg.buffer_size + cfg.seq_len  # token slots per pool row
         self.tokens = torch.zeros(capacity, cfg.seq_len, cfg.token_embed_dim, device=device)
         self.enc_len = [0] * (2 * capacity)  # filled slots of each pool row's encoder cache
+        self.scratch = 2 * capacity  # the pool row pad rows write to
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self._buffers: dict[str, Tensor] = {}
 
@@ -63,9 +65,9 @@ class SlotPool:
 
     def kv(self, part: str, layer: int, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
         """K/V cache of encoder ("enc") or decoder ("dec") `layer` (whose input looks like x):
-        each (2 cap, N, H, hd), in the dtype qkv produces under the current autocast."""
+        each (2 cap + 1, N, H, hd), in the dtype qkv produces under the current autocast."""
         attn = block.attn
-        shape = (2 * self.capacity, self.num_slots, attn.num_heads, attn.head_dim)
+        shape = (2 * self.capacity + 1, self.num_slots, attn.num_heads, attn.head_dim)
         dtype = _autocast_dtype(x)
         return (
             self._buffer(f"{part}{layer}.k", shape, dtype),
@@ -73,9 +75,9 @@ class SlotPool:
         )
 
     def enc_out(self, like: Tensor) -> Tensor:
-        """Encoder outputs of every pool row: (2 cap, N, D_enc)."""
+        """Encoder outputs of every pool row: (2 cap + 1, N, D_enc)."""
         return self._buffer(
-            "enc_out", (2 * self.capacity, self.num_slots, like.shape[-1]), like.dtype
+            "enc_out", (2 * self.capacity + 1, self.num_slots, like.shape[-1]), like.dtype
         )
 
     def diff(self, like: Tensor) -> Tensor:

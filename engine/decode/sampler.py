@@ -55,7 +55,7 @@ def sample_tokens(
 
     Rows share `num_iter`; cfg, cfg_schedule and temperature may differ per row (a row is
     guided when its cfg != 1). `sample_head` runs the head (`policy.sample_head`, when set,
-    overrides it) and `pass_units` the transformer's plain full passes (see `StepEngine`).
+    overrides it) and `pass_units` the transformer's full passes (see `StepEngine`).
 
     `on_step` may return a keep-mask over the current rows (host booleans, e.g. requests whose
     client went away): dropped rows leave the batch before the next step and are absent from

@@ -41,6 +41,17 @@ class Call:
     active: float = 1.0  # fraction of the decoder's tokens that went through the late layers
 
 
+@dataclass(frozen=True)
+class Fill:
+    """A pass that fills MARché's caches: the pool it writes, each row's pool row, whether
+    the encoder's K/V and outputs are stored, and the first decoder layer whose K/V are."""
+
+    pool: SlotPool
+    pool_rows: list[int]
+    encoder: bool
+    decoder_from: int  # len(decoder_blocks): none
+
+
 def pad(rows: list[Tensor], value: int) -> Tensor:
     """Ragged 1-D index rows -> (G, max n), padded with `value`."""
     return pad_sequence(rows, batch_first=True, padding_value=value)
@@ -82,16 +93,15 @@ def full_pass(
     units: PassUnits | None = None,
 ) -> None:
     """Full encoder + decoder for `calls`; sets each call's h and h_all, refills caches.
-    `units` may run a pass that fills no cache (`pass_graphs.PassGraphs`)."""
-    fills = any(c.cache_encoder or c.cache_decoder_from is not None for c in calls)
-    if units is not None and not fills:
-        cls = class_embedding(model, calls)
-        hidden = units(model, tokens_of(pool, calls), [c.known for c in calls], cls, timer)
-        if hidden is not None:  # (G, L, D)
-            for c, h in zip(calls, hidden, strict=True):
-                c.h_all, c.h, c.active = h, h[c.pred], 1.0
-            return
+    `units` may run the pass (`pass_graphs.PassGraphs`)."""
     buf, seq_len = model.cfg.buffer_size, model.cfg.seq_len
+    fill = any(c.cache_encoder for c in calls)  # encoder K/V and outputs into the pool
+    starts = [c.cache_decoder_from for c in calls if c.cache_decoder_from is not None]
+    fill_from = min(starts) if starts else len(model.decoder_blocks)  # decoder K/V from here
+    if units is not None:
+        fills = Fill(pool, [c.pool_row for c in calls], fill, fill_from) if fill or starts else None
+        if _run_units(model, pool, calls, timer, units, fills):
+            return
     rows = pool.rows([c.pool_row for c in calls])
     lengths = [len(c.known) for c in calls]
     key_mask = length_mask([buf + n for n in lengths], pool.device)
@@ -99,7 +109,6 @@ def full_pass(
         x = model.encoder_input(
             tokens_of(pool, calls), pad([c.known for c in calls], 0), class_embedding(model, calls)
         )  # (G, buf + n_max, D)
-        fill = any(c.cache_encoder for c in calls)
         for i, block in enumerate(model.encoder_blocks):
             if fill:
                 k, v = pool.kv("enc", i, block, x)
@@ -113,8 +122,6 @@ def full_pass(
                 pool.enc_len[c.pool_row] = buf + n
     with timer.phase("decoder"):
         x = model.decoder_input(enc, pad([c.known for c in calls], seq_len))  # (G, buf + L, D)
-        starts = [c.cache_decoder_from for c in calls if c.cache_decoder_from is not None]
-        fill_from = min(starts) if starts else len(model.decoder_blocks)
         for i, block in enumerate(model.decoder_blocks):
             if i >= fill_from:
                 k, v = pool.kv("dec", i, block, x)
@@ -124,3 +131,16 @@ def full_pass(
         hidden = x[:, buf:]  # (G, L, D) before decoder_norm
         for c, h in zip(calls, hidden, strict=True):
             c.h_all, c.h, c.active = h, h[c.pred], 1.0
+
+
+def _run_units(model, pool: SlotPool, calls: list[Call], timer, units: PassUnits, fill) -> bool:
+    """`full_pass` by `units`; False when none serves it."""
+    hidden = units(model, tokens_of(pool, calls), [c.known for c in calls],
+                   class_embedding(model, calls), timer, fill)  # fmt: skip
+    if hidden is None:
+        return False
+    for c, h in zip(calls, hidden, strict=True):  # h: (L, D)
+        c.h_all, c.h, c.active = h, h[c.pred], 1.0
+        if fill is not None and fill.encoder:
+            pool.enc_len[c.pool_row] = model.cfg.buffer_size + len(c.known)
+    return True

@@ -12,7 +12,7 @@ counted on its second run: the first also builds what later runs reuse (schedule
 caches). From then on the count is deterministic, so a few steps of a random-weight model
 suffice.
 
-With `graphs`, the head and the transformer's plain passes run as units (`graphs.py`, "static"
+With `graphs`, the head and the transformer's full passes run as units (`graphs.py`, "static"
 mode) and each unit run counts as one call ("replays"), the ops inside it not at all: what a
 step launches on a GPU under CUDA graphs (the glue between units, the copies into their
 buffers, one launch per replay), counted without a GPU.

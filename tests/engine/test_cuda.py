@@ -80,3 +80,20 @@ def test_head_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
     assert units.stats.built == built
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(run(cuda_deep, again)).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transformer_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
+    """Full passes as CUDA graphs per (rows, known tokens), MARché's cache refills included
+    (bound to the run's pool): fp32 tokens agree with eager to rounding."""
+    from engine.decode.pass_graphs import PassGraphs
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = run(cuda_deep, make_policy(mode))
+    units = PassGraphs(cuda_deep, "graphs")
+    rng = request_randomness((1, 2), cuda_deep.cfg.seq_len, cuda_deep.cfg.token_embed_dim, 100,
+                             "cuda")  # fmt: skip
+    labels = torch.tensor((3, 5), device="cuda")
+    out = sample_tokens(cuda_deep, labels, [PARAMS] * 2, rng, make_policy(mode), pass_units=units)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    assert units.stats.hits > 0 and units.stats.misses == 0

@@ -1,7 +1,8 @@
-"""The transformer's plain full pass as units per (row bucket, known-token bucket)
-(`engine/decode/pass_graphs.py`): exact MAR under the units equals eager, a row's image does
-not depend on its batch mates or on how many pad rows and pad tokens its passes had, passes
-that fill caches stay eager, and passes no unit holds run eager and are counted."""
+"""The transformer's full pass as units per (row bucket, known-token bucket)
+(`engine/decode/pass_graphs.py`): every mode under the units equals eager (exact MAR's passes
+and MARché's cache-filling ones, whose pad rows write to the pool's scratch row), a row's
+image does not depend on its batch mates or on how many pad rows and pad tokens its passes
+had, and passes no unit holds run eager and are counted."""
 
 from __future__ import annotations
 
@@ -30,29 +31,33 @@ def test_the_default_buckets_cover_every_pass_of_a_batch_of_16(deep):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_under_the_units_equals_eager(deep, mode):
-    """mar's passes run as units (padded rows and tokens, masked); MARché's full passes fill
-    caches and stay eager: either way the tokens are eager's."""
+    """Every full pass runs as a unit (padded tokens, masked; MARché's also fill the caches
+    its lazy steps read): the tokens are eager's."""
     units = PassGraphs(deep, "static")
-    assert_same_image(run(deep, mode, units), run(deep, mode, None))
-    if mode == "mar":
-        assert units.stats.hits == GUIDED.num_iter and units.stats.misses == 0
-        assert units.stats.padded_rows == 0  # 2 images x 2 CFG halves: bucket 4
-    else:
-        assert units.stats.hits == 0  # every full pass of MARché fills its caches
+    policy = make_policy(mode)
+    randomness = request_randomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    tokens = sample_tokens(deep, torch.tensor((3, 5)), [GUIDED] * 2, randomness, policy,
+                           pass_units=units)  # fmt: skip
+    assert_same_image(tokens, run(deep, mode, None))
+    full_steps = sum(active == 1.0 for active in policy.stats)  # mar: every step
+    assert units.stats.hits == full_steps > 0 and units.stats.misses == 0
+    assert units.stats.padded_rows == 0  # 2 images x 2 CFG halves: bucket 4
 
 
-def test_an_image_under_the_units_does_not_depend_on_batch_mates_or_pads(deep):
-    """A mar row alone (1 row bucket, fine length buckets) equals the row joining a busy
-    batch mid-way, in one 32-row bucket whose known tokens are padded to all 256."""
+@pytest.mark.parametrize("mode", MODES)
+def test_an_image_under_the_units_does_not_depend_on_batch_mates_or_pads(deep, mode):
+    """A row alone (1-2 row buckets, fine length buckets) equals the row joining a busy
+    batch of other modes mid-way, in one 32-row bucket whose known tokens are padded to all
+    256: pad rows (their cache writes go to the scratch row) and pad tokens reach no row."""
     alone_units = PassGraphs(deep, "static", buckets=(1, 2), lengths=range(8, 257, 8))
     few = StepEngine(deep, 1, pass_units=alone_units)
-    alone = few.admit(5, GUIDED, PRESETS["mar"], rng(deep, 2))
+    alone = few.admit(5, GUIDED, PRESETS[mode], rng(deep, 2))
     drive(few, [alone], lambda: alone.finished)
     padded = PassGraphs(deep, "static", buckets=(32,), lengths=(256,))
     many = StepEngine(deep, 4, pass_units=padded)
-    mates = [many.admit(c, p, PRESETS["mar"], rng(deep, s)) for c, s, p, _ in MATES]
+    mates = [many.admit(c, p, PRESETS[m], rng(deep, s)) for c, s, p, m in MATES]
     drive(many, mates, lambda: mates[0].done == 3)
-    ours = many.admit(5, GUIDED, PRESETS["mar"], rng(deep, 2))
+    ours = many.admit(5, GUIDED, PRESETS[mode], rng(deep, 2))
     drive(many, [*mates, ours], lambda: ours.finished)
     assert padded.stats.hits > 0 and padded.stats.padded_rows > alone_units.stats.padded_rows
     assert_same_image(many.tokens([ours]), few.tokens([alone]))

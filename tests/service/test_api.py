@@ -278,6 +278,6 @@ def test_units_serve_the_same_image_and_are_reported():
         assert abs(image - expected.astype(int)).max() <= 1  # 8-bit pixels: rounding at most
         after = units.get("/info").json()["graphs"]
     assert before["head"]["mode"] == "static" and before["head"]["built"] >= 7 * 2
-    assert before["transformer"]["built"] == 6 * 8  # rows 1..32 x every L/8 known tokens
+    assert before["transformer"]["built"] >= 6 * 8  # rows 1..32 x every L/8 known tokens, + fills
     assert after["head"]["hits"] > before["head"]["hits"]
     assert after["transformer"]["hits"] == before["transformer"]["hits"] + FAST["steps"]
