@@ -118,6 +118,11 @@ class PassGraphs(Units):
         with timer.phase("decoder"):
             return decoder()[:g].clone()  # the next run overwrites its output
 
+    @property
+    def bound_pools(self) -> int:
+        """Slot pools that refill units are bound to (each gone with its pool)."""
+        return len(self._fills)
+
     def warm(self, buckets: Sequence[int] | None = None) -> None:
         """Build every plain (rows, length) unit of these row buckets (default: all) now,
         largest first, and log time and memory."""
@@ -149,12 +154,13 @@ class PassGraphs(Units):
         model, buf = self.model, self.model.cfg.buffer_size
         b = self._buffers_for(rows, length)
         depth = len(model.decoder_blocks)
-        pool = None if fill is None else fill.pool
+        pool_ref = None if fill is None else weakref.ref(fill.pool)  # units must not keep it alive
         fill_encoder = fill is not None and fill.encoder
         fill_from = depth if fill is None else fill.decoder_from
 
         def encoder() -> None:  # as transformer.full_pass's encoder phase
             x = model.encoder_input(b.tokens, b.known_enc, b.cls)  # (G, buffer + n, D)
+            pool = pool_ref() if pool_ref is not None else None
             for i, block in enumerate(model.encoder_blocks):
                 if fill_encoder:
                     k, v = pool.kv("enc", i, block, x)
@@ -170,6 +176,7 @@ class PassGraphs(Units):
 
         def decoder() -> Tensor:  # as transformer.full_pass's decoder phase
             x = model.decoder_input(b.enc, b.known_dec)  # (G, buffer + L, D)
+            pool = pool_ref() if pool_ref is not None else None
             for i, block in enumerate(model.decoder_blocks):
                 if i >= fill_from:
                     k, v = pool.kv("dec", i, block, x)

@@ -106,3 +106,21 @@ def test_auto_measures_eager_against_a_unit_without_counting_hits(deep):
     eager_s, unit_s = measure(units)
     assert eager_s > 0 and unit_s > 0
     assert (units.stats.hits, units.stats.misses, units.stats.built) == (0, 0, 1)
+
+
+def test_units_bound_to_a_pool_go_with_it(deep):
+    """A refill unit writes into its step engine's pool; once the engine is gone, so are its
+    units (the batch sampler makes a pool per batch: nothing may pile up)."""
+    import gc
+
+    units = PassGraphs(deep, "static")
+
+    def one_image() -> None:  # its engine and pool live in this call only
+        engine = StepEngine(deep, 1, pass_units=units)
+        row = engine.admit(5, GUIDED, PRESETS["marche"], rng(deep, 2))
+        drive(engine, [row], lambda: row.finished)
+        assert units.bound_pools == 1 and units.stats.hits > 0
+
+    one_image()
+    gc.collect()
+    assert units.bound_pools == 0
