@@ -65,7 +65,9 @@ class _Buffers:
 class PassGraphs(Units):
     """Runs full passes as units; `__call__` returns None when none serves the pass (the
     caller runs it eager). Passes that fill MARché's caches write into one step engine's
-    pool, so their units are bound to it (built on first use, never under compile)."""
+    pool, so their units are bound to it: built on first use (never under compile), gone
+    with it. The continuous scheduler's pool lives as long as the server; the batch sampler
+    makes one per batch, so under CUDA graphs its refill units are captured per batch."""
 
     def __init__(
         self,
