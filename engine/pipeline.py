@@ -111,9 +111,13 @@ class Pipeline:
         self.name, self.spec = name, MODELS[name]
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
-        self.sample_head: HeadSampler = head_sampling.sample  # see `use_graphs`
-        self.head_graphs: HeadGraphs | None = None
+        self.head_graphs: HeadGraphs | None = None  # see `use_graphs`; None: eager
         self.pass_graphs: PassGraphs | None = None
+
+    @property
+    def sample_head(self) -> HeadSampler:
+        """How the step engines run the head: its units, or the eager sampler."""
+        return self.head_graphs or head_sampling.sample
 
     def use_graphs(
         self,
@@ -132,7 +136,6 @@ class Pipeline:
                 self.model.diffloss, mode, head_buckets, PRESETS.values(), guided
             )
             self.pass_graphs = build_pass(self.model, mode, pass_buckets)
-        self.sample_head = self.head_graphs or head_sampling.sample
 
     @classmethod
     def load(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from engine.decode.head import HeadPlan
 from engine.model import diffloss
-from engine.model.diffloss import SimpleMLPAdaLN
+from engine.model.diffloss import SimpleMLPAdaLN, scale_plus_one
 
 
 def compiled_loop(net: SimpleMLPAdaLN, plan: HeadPlan, guided: bool) -> Callable[..., Tensor]:
@@ -36,7 +36,7 @@ def compiled_loop(net: SimpleMLPAdaLN, plan: HeadPlan, guided: bool) -> Callable
     noisy[-1] = 0.0  # the last step (index 0) adds no noise
     layers = [*net.res_blocks, net.final_layer]
     mod_weights = [layer.adaLN_modulation[-1].weight for layer in layers]
-    mod_biases = [_scale_plus_one(layer.adaLN_modulation[-1].bias, width) for layer in layers]
+    mod_biases = [scale_plus_one(layer.adaLN_modulation[-1].bias, width) for layer in layers]
     weights = net.lean_weights()
     channels = net.in_channels
 
@@ -67,8 +67,3 @@ def compiled_loop(net: SimpleMLPAdaLN, plan: HeadPlan, guided: bool) -> Callable
         return x
 
     return torch.compile(loop, dynamic=False, fullgraph=True, isolate_recompiles=True)
-
-
-def _scale_plus_one(bias: Tensor, width: int) -> Tensor:
-    """An adaLN bias with the 1 of (1 + scale) folded into its scale part."""
-    return torch.cat([bias[:width], bias[width : 2 * width] + 1, bias[2 * width :]])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.decode import head as head_sampling
+from engine.decode.graphs import timed
 from engine.decode.head_graphs import HEAD_BUCKETS
 from engine.decode.marche import MarcheConfig
 from engine.decode.pass_graphs import PASS_BUCKETS
@@ -28,14 +28,11 @@ from engine.pipeline import Pipeline
 
 
 def _run(pipe: Pipeline, mode: str, batch: int, params: SamplingParams, marche) -> tuple:
-    classes = [i % pipe.num_classes for i in range(batch)]
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-    started = time.perf_counter()
-    tokens = pipe.generate_tokens(classes, list(range(batch)), params, make_policy(mode, marche))
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-    return time.perf_counter() - started, tokens.float()
+    classes, seeds = [i % pipe.num_classes for i in range(batch)], list(range(batch))
+    out: list[torch.Tensor] = []
+    seconds = timed(pipe.device, lambda: out.append(
+        pipe.generate_tokens(classes, seeds, params, make_policy(mode, marche))))  # fmt: skip
+    return seconds, out[0].float()
 
 
 def units_table(
@@ -58,24 +55,21 @@ def units_table(
     build_s = time.perf_counter() - started
     if pipe.head_graphs is None and pipe.pass_graphs is None:
         raise ValueError(f"--graphs {units_mode} builds nothing on {pipe.device}")
-    runners = {
-        "eager": (head_sampling.sample, None),
-        units_mode: (pipe.sample_head, pipe.pass_graphs),
-    }
+    runners = {"eager": (None, None), units_mode: (pipe.head_graphs, pipe.pass_graphs)}
     times: dict[tuple, list[float]] = {}
     diffs: dict[tuple, float] = {}
     for round_ in range(repeats + 1):  # round 0 warms up (and builds lazily captured units)
         for mode in modes:
             for batch in batches:
                 tokens = {}
-                for name, (sample_head, pass_units) in runners.items():
-                    pipe.sample_head, pipe.pass_graphs = sample_head, pass_units
+                for name, (head_units, pass_units) in runners.items():
+                    pipe.head_graphs, pipe.pass_graphs = head_units, pass_units
                     seconds, tokens[name] = _run(pipe, mode, batch, params, marche)
                     if round_:
                         times.setdefault((mode, batch, name), []).append(seconds)
                 diff = (tokens["eager"] - tokens[units_mode]).abs().max().item()
                 diffs[(mode, batch)] = max(diffs.get((mode, batch), 0.0), diff)
-    pipe.sample_head, pipe.pass_graphs = runners[units_mode]
+    pipe.head_graphs, pipe.pass_graphs = runners[units_mode]
     rows = []
     for mode in modes:
         for batch in batches:

@@ -21,6 +21,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def scale_plus_one(bias: Tensor, width: int) -> Tensor:
+    """An adaLN bias (shift, scale[, gate]) with the 1 of (1 + scale) folded into its scale."""
+    return torch.cat([bias[:width], bias[width : 2 * width] + 1, bias[2 * width :]])
+
+
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: int = 10000) -> Tensor:
     """Sinusoidal features of the (original, 0..999) timestep, laid out [cos, sin]."""
     half = dim // 2
@@ -138,7 +143,7 @@ class SimpleMLPAdaLN(nn.Module):
             if gates_only and layer is not self.final_layer:
                 weight, bias = weight[2 * width :], bias[2 * width :]  # the gate only
             else:  # (shift, scale[, gate]): scale + 1
-                bias = torch.cat([bias[:width], bias[width : 2 * width] + 1, bias[2 * width :]])
+                bias = scale_plus_one(bias, width)
             k = weight.shape[0] // width
             out = F.linear(act, weight, bias).view(blk, -1, k, width)  # (blk, R, k, W)
             per_layer.append([p.unbind(0) for p in out.permute(2, 0, 1, 3).unbind(0)])  # [k][blk]
