@@ -322,10 +322,9 @@ def _print_flops(report: dict) -> None:
 
 
 def _print_dispatch(report: dict) -> None:
-    from engine.eval.dispatch import PHASES
+    from engine.eval.dispatch import STEP_PHASES as steps
 
     for name, entry in report.items():
-        steps = [p for p in PHASES if p != "vae"]
         units = "; units as CUDA graphs: one call per replay" if entry.get("graphs") else ""
         table = Table("mode", "batch", "ops/step", *steps, "views/step", "syncs/step",
                       "replays/step", "VAE ops",

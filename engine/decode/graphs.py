@@ -8,7 +8,10 @@ it can run as one unit, keyed by its row bucket as vLLM keys its decode graphs b
 * the diffusion head, per (plan, guided, row bucket): `head_graphs.HeadGraphs`;
 * the transformer's full pass (encoder, decoder; MARché's cache refills included), per (row
   bucket, known-token bucket), with pad tokens masked out of attention:
-  `pass_graphs.PassGraphs`.
+  `pass_graphs.PassGraphs`;
+* MARché's lazy pass (the append-only encoder, the cache-aware decoder), per (row bucket,
+  appended tokens, known tokens, active tokens), its positions computed on the device from
+  a small per-row plan: `lazy_graphs.LazyGraphs`.
 
 Modes (`GRAPH_MODES`):
 
@@ -84,14 +87,19 @@ class GraphStats:
 class Units:
     """What every family of units shares: its mode, stats, device and CUDA graph pool."""
 
-    def __init__(self, mode: str, device: torch.device, buckets: Sequence[int]) -> None:
+    def __init__(
+        self, mode: str, device: torch.device, buckets: Sequence[int], graph_pool=None
+    ) -> None:
+        """`graph_pool`: another family's CUDA graph pool to share (default: a new one)."""
         if mode not in UNIT_MODES:
             raise ValueError(f"unit mode must be one of {', '.join(UNIT_MODES)}: {mode!r}")
         if mode == "graphs" and device.type != "cuda":
             raise ValueError("mode 'graphs' needs a CUDA device")
         self.mode, self.device = mode, device
         self.stats = GraphStats(mode, parse_buckets(buckets))
-        self._pool = torch.cuda.graph_pool_handle() if mode == "graphs" else None
+        if graph_pool is None and mode == "graphs":
+            graph_pool = torch.cuda.graph_pool_handle()
+        self.graph_pool = graph_pool
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stats})"
@@ -116,7 +124,7 @@ class Units:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls (an HTTP handler) cannot break a capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             out = fn()
         self.stats.memory_bytes += max(0, (free_before or 0) - (self.free_memory() or 0))
 

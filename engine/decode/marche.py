@@ -24,6 +24,7 @@ same K/V to the same slot, and their outputs are dropped).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +59,21 @@ class MarcheConfig:
             raise ValueError(f"encoder must be one of {ENCODER_MODES}")
 
 
+LazyUnits = Callable[..., bool]  # `lazy_graphs.LazyGraphs`
+
+
 def lazy_pass(
     model: MAR,
     pool: SlotPool,
     config: MarcheConfig,
     calls: list[Call],
     timer: PhaseTimer | NullTimer = NULL_TIMER,
+    units: LazyUnits | None = None,
 ) -> None:
-    """A non-full MARché step for `calls` (rows whose caches are filled); sets each call's h."""
+    """A non-full MARché step for `calls` (rows whose caches are filled); sets each call's h.
+    `units` may run it (`lazy_graphs.LazyGraphs`)."""
+    if units is not None and units(model, pool, config, calls, timer):
+        return
     buf, seq_len = model.cfg.buffer_size, model.cfg.seq_len
     rows = pool.rows([c.pool_row for c in calls])
     known = [c.known for c in calls]
@@ -79,19 +87,13 @@ def lazy_pass(
             )
     with timer.phase("decoder"):
         x = model.decoder_input(enc, pad(known, seq_len))  # (G, buf + L, D)
-        blocks, sel = model.decoder_blocks, config.selection_layer
-        for block in blocks[: sel - 1]:
-            x = block(x)
         gen = [buf + c.pred for c in calls]
         query_mask = length_mask([len(g) for g in gen], pool.device)
-        x, scores = blocks[sel - 1].forward_scored(x, _pad_repeat(gen), query_mask)
+        x, scores = scored_layers(model, config, x, _pad_repeat(gen), query_mask)
         active, counts = active_slots(scores, calls, buf, config)  # (G, A), generating first
         offsets = [c.pool_row * pool.num_slots for c in calls]
         flat = torch.cat([a + o for a, o in zip(active, offsets, strict=True)])  # (G*A,)
-        x = gather_tokens(x, active)
-        for i, block in enumerate(blocks[sel:], start=sel):
-            k, v = pool.kv("dec", i, block, x)
-            x = block.forward_active(x, flat, k, v, rows)
+        x = active_layers(model, pool, config, x, active, flat, rows)
         for c, h, n in zip(calls, x, counts, strict=True):
             c.h, c.active = h[: len(c.pred)], n / pool.num_slots
 
@@ -110,15 +112,60 @@ def _append_encoder(model: MAR, pool: SlotPool, calls: list[Call], rows) -> Tens
     ends = [s + len(n) for s, n in zip(starts, new, strict=True)]
     key_mask = length_mask(ends, pool.device)  # (G, max end) or None
     x = model.embed_known(tokens_of(pool, calls), _pad_repeat(new))  # (G, m, D)
-    for i, block in enumerate(model.encoder_blocks):
-        k, v = pool.kv("enc", i, block, x)
-        x = block.forward_append(x, flat, k, v, rows, max(ends), key_mask)
-    out = model.encoder_norm(x)
-    enc_out = pool.enc_out(out)
-    enc_out.view(-1, out.shape[-1]).index_copy_(0, flat, out.reshape(-1, out.shape[-1]))
+    enc_out = append_layers(model, pool, x, flat, rows, max(ends), key_mask)
     for c, end in zip(calls, ends, strict=True):
         pool.enc_len[c.pool_row] = end
     return enc_out[rows, : max(ends)]
+
+
+# -- the pieces of a lazy pass, shared by the eager pass above and its units (lazy_graphs.py)
+
+
+def append_layers(
+    model: MAR, pool: SlotPool, x: Tensor, flat: Tensor, rows, end: int, key_mask: Tensor | None
+) -> Tensor:
+    """The encoder over appended tokens x (G, m, D) whose slots are flat (G*m,) = pool row
+    * N + slot: their K/V and outputs go into the pool; keys are slots [0, end) (key_mask
+    (G, end): each row's prefix). Returns the pool's encoder outputs (2 cap + 1, N, D)."""
+    for i, block in enumerate(model.encoder_blocks):
+        k, v = pool.kv("enc", i, block, x)
+        x = block.forward_append(x, flat, k, v, rows, end, key_mask)
+    out = model.encoder_norm(x)
+    enc_out = pool.enc_out(out)
+    enc_out.view(-1, out.shape[-1]).index_copy_(0, flat, out.reshape(-1, out.shape[-1]))
+    return enc_out
+
+
+def scored_layers(
+    model: MAR, config: MarcheConfig, x: Tensor, query_idx: Tensor, query_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The decoder layers up to the selection layer, full attention; the last of them scores
+    every token by the attention it receives from the queries (the generating tokens at
+    query_idx (G, g), where query_mask). Returns x (G, buf + L, D) and scores (G, N)."""
+    blocks, sel = model.decoder_blocks, config.selection_layer
+    for block in blocks[: sel - 1]:
+        x = block(x)
+    return blocks[sel - 1].forward_scored(x, query_idx, query_mask)
+
+
+def refresh_candidates(scores: Tensor, forced: Tensor, rule: str) -> Tensor:
+    """Scores (G, N) to pick refreshing tokens by (top-k), the forced slots (G, f) never."""
+    if rule == "low_attention":
+        scores = -scores
+    return scores.scatter(1, forced, float("-inf"))
+
+
+def active_layers(
+    model: MAR, pool: SlotPool, config: MarcheConfig, x: Tensor, active: Tensor, flat, rows
+) -> Tensor:
+    """The layers after the selection layer over the active tokens (G, A) of x only, their
+    K/V written at flat (G*A,) and attending over each row's cache: (G, A, D)."""
+    x = gather_tokens(x, active)
+    for i, block in enumerate(model.decoder_blocks[config.selection_layer :]):
+        layer = config.selection_layer + i
+        k, v = pool.kv("dec", layer, block, x)
+        x = block.forward_active(x, flat, k, v, rows)
+    return x
 
 
 def _pad_repeat(rows: list[Tensor]) -> Tensor:
@@ -149,9 +196,7 @@ def active_slots(
         scores = torch.stack(
             [torch.rand(num_slots, generator=c.refresh_rng, device=scores.device) for c in calls]
         )
-    elif config.refresh == "low_attention":
-        scores = -scores
-    scores = scores.scatter(1, forced_slots, float("-inf"))  # never pick forced ones twice
+    scores = refresh_candidates(scores, forced_slots, config.refresh)
     top = scores.topk(max(refresh), dim=1).indices  # (G, r_max), best first
     if min(refresh) < max(refresh):  # keep each row's own top r; pad with its first slot
         keep = length_mask(refresh, scores.device)

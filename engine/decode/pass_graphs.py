@@ -11,7 +11,8 @@ row's K/V (and encoder outputs) into the step engine's slot pool at its pool row
 eager pass does; pad rows write to the pool's scratch row, which nothing reads, and pad
 tokens to slots past the row's length, which readers never reach (the eager pass writes its
 ragged rows' padding the same way). Such units are bound to their pool. Shapes above the
-largest buckets run eager (counted as misses). MARché's lazy steps stay eager.
+largest buckets run eager (counted as misses). MARché's lazy steps run as the units of
+`lazy`, a `lazy_graphs.LazyGraphs` with the same buckets and CUDA graph pool.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from engine.decode.graphs import GRAPH_MODES, Units, bucket_for, compare, log, parse_buckets
+from engine.decode.lazy_graphs import LazyGraphs
 from engine.decode.pool import SlotPool, to_device
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.transformer import Fill, pad
@@ -84,6 +86,7 @@ class PassGraphs(Units):
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._units: dict[tuple, tuple[Callable, Callable]] = {}  # passes that fill nothing
         self._fills: weakref.WeakKeyDictionary[SlotPool, dict] = weakref.WeakKeyDictionary()
+        self.lazy = LazyGraphs(model, mode, self.buckets, self.lengths, self.graph_pool)
 
     def __call__(
         self,

@@ -1,13 +1,13 @@
 """Per-row decode state that lives on the device: a pool of slots allocated once.
 
 Every image in flight owns one slot from admission to retirement (vLLM's KV-cache idea, one
-block per image). A slot holds the image's tokens and, for each CFG half ("twin"), MARché's
-encoder and decoder K/V caches, the encoder output cache, and the condition cache's
-h_uncond - h_cond. Pool row `slot` is the conditional twin, `slot + capacity` the
+block per image). A slot holds the image's tokens and generation order and, for each CFG half
+("twin"), MARché's encoder and decoder K/V caches, the encoder output cache, and the
+condition cache's h_uncond - h_cond. Pool row `slot` is the conditional twin, `slot + capacity` the
 unconditional one; one more pool row, `scratch`, takes the writes of a padded pass's pad rows
-(`pass_graphs`) and is never read. Buffers are allocated at their first use (in the dtype
-autocast gives their contents) at full capacity and never grow; a released slot is reused as
-it is (every reader is bounded by lengths the new owner writes first).
+(`pass_graphs`, `lazy_graphs`) and is never read. Buffers are allocated at their first use
+(in the dtype autocast gives their contents) at full capacity and never grow; a released
+slot is reused as it is (every reader is bounded by lengths the new owner writes first).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class SlotPool:
         self.capacity, self.device = capacity, torch.device(device)
         self.num_slots = cfg.buffer_size + cfg.seq_len  # token slots per pool row
         self.tokens = torch.zeros(capacity, cfg.seq_len, cfg.token_embed_dim, device=device)
+        self.orders = torch.zeros(capacity, cfg.seq_len, dtype=torch.long, device=device)
         self.enc_len = [0] * (2 * capacity)  # filled slots of each pool row's encoder cache
         self.scratch = 2 * capacity  # the pool row pad rows write to
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out 0, 1, 2, ...

@@ -100,7 +100,8 @@ class StepEngine:
         pass_units: PassUnits | None = None,
     ) -> None:
         """`sample_head`: how the head runs (eager, or `head_graphs.HeadGraphs`);
-        `pass_units`: full passes as units (`pass_graphs.PassGraphs`; None: eager)."""
+        `pass_units`: transformer passes as units (`pass_graphs.PassGraphs`: full ones, and
+        MARché's lazy ones by its `lazy`; None: eager)."""
         self.model = model
         self.pool = SlotPool(model, capacity, device or model.class_emb.weight.device)
         self.sample_head, self.pass_units = sample_head, pass_units
@@ -119,6 +120,7 @@ class StepEngine:
         order = randomness.order().to(device)  # drawn first, as upstream does
         slot = self.pool.acquire()
         self.pool.tokens[slot].zero_()
+        self.pool.orders[slot].copy_(order)  # where the lazy units read positions
         row = Row(
             label=torch.as_tensor(label, device=device).reshape(1),
             params=params,
@@ -165,8 +167,9 @@ class StepEngine:
         # 2. execute
         if full:
             full_pass(self.model, self.pool, full, timer, self.pass_units)
+        lazy_units = self.pass_units.lazy if self.pass_units is not None else None
         for config, calls in lazy.items():
-            lazy_pass(self.model, self.pool, config, calls, timer)
+            lazy_pass(self.model, self.pool, config, calls, timer, lazy_units)
         for w in work:
             w.h = self._guidance(w)
         with timer.phase("diffusion_head"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -82,7 +83,15 @@ def tokens_of(pool: SlotPool, calls: list[Call]) -> Tensor:
     return torch.stack([pool.tokens[c.slot] for c in calls])
 
 
-PassUnits = Callable[..., Tensor | None]  # `pass_graphs.PassGraphs`
+class PassUnits(Protocol):
+    """Transformer passes as units (`pass_graphs.PassGraphs`): full passes by calling it,
+    MARché's lazy passes by its `lazy` (`marche.LazyUnits`)."""
+
+    lazy: Callable[..., bool] | None
+
+    def __call__(
+        self, model: MAR, tokens: Tensor, known: list[Tensor], cls: Tensor, timer, fill
+    ) -> Tensor | None: ...
 
 
 def full_pass(

@@ -5,17 +5,18 @@ each), so at small batch a step is bound by how many there are, not by its arith
 counts them device-independently: a `TorchDispatchMode` sees every ATen operator after
 autograd and decomposition (`linear` arrives as `t` + `addmm`), attributed to the phase that
 issued it (encoder, decoder, diffusion head, VAE) through the same `phase()` hooks the timing
-benchmark uses. Views (`is_view`: `view`, `t`, `expand`, `slice`, ...) and bare allocations
-launch no kernel but still cost a CPU dispatch: they are counted apart. Ops that would make a
-GPU wait for the host (`_local_scalar_dense`, `nonzero`, ...) are counted too. Each setting is
-counted on its second run: the first also builds what later runs reuse (schedule tensors,
-caches). From then on the count is deterministic, so a few steps of a random-weight model
-suffice.
+benchmark uses; the rest of a step (scheduling positions, guidance, copies into the units'
+buffers) is its glue, and admitting the images is counted apart, once per run. Views
+(`is_view`: `view`, `t`, `expand`, `slice`, ...) and bare allocations launch no kernel but
+still cost a CPU dispatch: they are counted apart. Ops that would make a GPU wait for the host
+(`_local_scalar_dense`, `nonzero`, ...) are counted too. Each setting is counted on its second
+run: the first also builds what later runs reuse (schedule tensors, caches). From then on the
+count is deterministic, so a few steps of a random-weight model suffice.
 
-With `graphs`, the head and the transformer's full passes run as units (`graphs.py`, "static"
-mode) and each unit run counts as one call ("replays"), the ops inside it not at all: what a
-step launches on a GPU under CUDA graphs (the glue between units, the copies into their
-buffers, one launch per replay), counted without a GPU.
+With `graphs`, the head and the transformer's passes (full ones and MARché's lazy ones) run as
+units (`graphs.py`, "static" mode) and each unit run counts as one call ("replays"), the ops
+inside it not at all: what a step launches on a GPU under CUDA graphs (the glue between
+units, the copies into their buffers, one launch per replay), counted without a GPU.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from torch.utils._python_dispatch import (
 from engine.decode.graphs import Units
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import make_policy
-from engine.decode.sampler import StepInfo
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
-PHASES = ("encoder", "decoder", "diffusion_head", "vae")
+STEP_PHASES = ("encoder", "decoder", "diffusion_head", "glue")  # glue: the rest of a step
+PHASES = (*STEP_PHASES, "vae")
 _aten = torch.ops.aten
 NO_KERNEL = {_aten._unsafe_view.default, _aten.empty.memory_format, _aten.empty_strided.default}
 SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default}
@@ -105,21 +106,23 @@ def count_run(
     marche: MarcheConfig | None,
     steps: int | None = None,
 ) -> OpCounter:
-    """Operator calls of one generation of `batch` images (tokens, then the VAE), stopped
-    after its first `steps` AR steps when given (a run's real schedule, not a shorter run:
-    that would predict every token in fewer, heavier steps)."""
-    classes = [i % pipe.num_classes for i in range(batch)]
+    """Operator calls of `batch` images admitted together (as `generate` admits them) over
+    their first `steps` AR steps (a run's real schedule, not a shorter run: that would predict
+    every token in fewer, heavier steps), then the VAE on their tokens. What a step does
+    outside the encoder, decoder and head phases (scheduling, guidance, copies into the units'
+    buffers) is its glue."""
     counter = OpCounter()
-
-    def stop(info: StepInfo) -> list[bool] | None:
-        return [False] * batch if steps is not None and info.step + 1 >= steps else None
-
+    config = make_policy(mode, marche).config
     with torch.inference_mode(), counter:
-        tokens = pipe.generate_tokens(
-            classes, list(range(batch)), params, make_policy(mode, marche), stop, counter
-        )
+        engine = pipe.step_engine(batch)
+        with counter.phase("admit"):
+            rows = [pipe.admit(engine, i % pipe.num_classes, i, params, config)
+                    for i in range(batch)]  # fmt: skip
+        with pipe.autocast(), counter.phase("glue"):
+            for _ in range(min(steps or params.num_iter, len(rows[0].plan))):
+                engine.step(rows, timer=counter)
         with counter.phase("vae"):
-            pipe.decode(tokens)
+            pipe.decode(engine.tokens(rows))
     return counter
 
 
@@ -151,17 +154,17 @@ def _table(pipe, model, modes, batches, params, marche, count_steps, graphs) -> 
         for mode in modes:
             count_run(pipe, mode, batch, params, marche, steps)  # builds what later runs reuse
             c = count_run(pipe, mode, batch, params, marche, steps)
-            per_step = {p: round(c.ops[p] / steps, 1) for p in PHASES if p != "vae"}
+            per_step = {p: round(c.ops[p] / steps, 1) for p in STEP_PHASES}
             rows.append({
                 "mode": mode,
                 "batch": batch,
                 "ops_per_step": round(sum(per_step.values()), 1),
                 "phases_per_step": per_step,
                 "vae_ops": c.ops["vae"],
-                "views_per_step": round(sum(c.free[p] for p in PHASES if p != "vae") / steps, 1),
-                "syncs_per_step": round(sum(c.syncs[p] for p in PHASES if p != "vae") / steps, 2),
+                "views_per_step": round(sum(c.free[p] for p in STEP_PHASES) / steps, 1),
+                "syncs_per_step": round(sum(c.syncs[p] for p in STEP_PHASES) / steps, 2),
                 "replays_per_step": round(sum(c.replays.values()) / steps, 1),
-                "other_ops": c.ops["other"],
+                "admit_ops": c.ops["admit"],  # per run: orders, slots, schedules
             })  # fmt: skip
     return {"model": model, "steps": params.num_iter, "counted_steps": steps, "cfg": params.cfg,
             "graphs": graphs, "rows": rows}  # fmt: skip

@@ -1,9 +1,11 @@
-"""`marche bench --graphs MODE`: eager vs the diffusion head and the transformer's plain
-passes as units per row bucket (`engine/decode/graphs.py`), per mode and batch, interleaved
-in one process.
+"""`marche bench --graphs MODE`: eager vs the diffusion head and the transformer's passes
+(full, and MARché's lazy ones) as units per bucket (`engine/decode/graphs.py`), per mode and
+batch, interleaved in one process.
 
 Both runners share the pipeline (same weights, same seeds); each round times every (mode,
-batch) with eager then with the units, so a slow spell of a shared machine hits both. Reports
+batch) with eager then with the units, so a slow spell of a shared machine hits both. Each
+runner keeps one step engine per batch size across rounds, as a server keeps its engine, so
+units bound to a slot pool (MARché's refill and lazy passes) are built in the warm-up round. Reports
 median ms per AR step, the speed-up, the largest token difference between the two runs (the
 units' rounding), and what the units cost to build (seconds, memory) and how often they
 served a head call.
@@ -22,17 +24,29 @@ from engine.decode.head_graphs import HEAD_BUCKETS
 from engine.decode.marche import MarcheConfig
 from engine.decode.pass_graphs import PASS_BUCKETS
 from engine.decode.policy import make_policy
+from engine.decode.step import StepEngine
 from engine.eval.bench import device_name
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
 
-def _run(pipe: Pipeline, mode: str, batch: int, params: SamplingParams, marche) -> tuple:
-    classes, seeds = [i % pipe.num_classes for i in range(batch)], list(range(batch))
+def _run(pipe: Pipeline, engine: StepEngine, mode: str, batch: int, params, marche) -> tuple:
+    """Seconds and tokens of `batch` images (the seeds and classes `generate` gives them) run
+    to the end through `engine`, which the caller keeps across rounds as the server keeps
+    its step engine: units bound to its slot pool are built once, in the warm-up round."""
+    config = make_policy(mode, marche).config
     out: list[torch.Tensor] = []
-    seconds = timed(pipe.device, lambda: out.append(
-        pipe.generate_tokens(classes, seeds, params, make_policy(mode, marche))))  # fmt: skip
-    return seconds, out[0].float()
+
+    def generate() -> None:
+        rows = [pipe.admit(engine, i % pipe.num_classes, i, params, config) for i in range(batch)]
+        with pipe.autocast():
+            while not rows[0].finished:
+                engine.step(rows)
+        out.append(engine.tokens(rows))
+        for row in rows:
+            engine.release(row)
+
+    return timed(pipe.device, generate), out[0].float()
 
 
 def units_table(
@@ -58,13 +72,17 @@ def units_table(
     runners = {"eager": (None, None), units_mode: (pipe.head_graphs, pipe.pass_graphs)}
     times: dict[tuple, list[float]] = {}
     diffs: dict[tuple, float] = {}
+    engines: dict[tuple, StepEngine] = {}  # (runner, batch): one pool each, as a server has
     for round_ in range(repeats + 1):  # round 0 warms up (and builds lazily captured units)
         for mode in modes:
             for batch in batches:
                 tokens = {}
                 for name, (head_units, pass_units) in runners.items():
                     pipe.head_graphs, pipe.pass_graphs = head_units, pass_units
-                    seconds, tokens[name] = _run(pipe, mode, batch, params, marche)
+                    if (name, batch) not in engines:
+                        engines[(name, batch)] = pipe.step_engine(batch)
+                    engine = engines[(name, batch)]
+                    seconds, tokens[name] = _run(pipe, engine, mode, batch, params, marche)
                     if round_:
                         times.setdefault((mode, batch, name), []).append(seconds)
                 diff = (tokens["eager"] - tokens[units_mode]).abs().max().item()
@@ -92,7 +110,11 @@ def units_table(
         "start_up_build_s": build_s,
         "units": {
             name: units.stats.as_dict()
-            for name, units in (("head", pipe.head_graphs), ("transformer", pipe.pass_graphs))
+            for name, units in (
+                ("head", pipe.head_graphs),
+                ("transformer", pipe.pass_graphs),
+                ("lazy", pipe.pass_graphs.lazy if pipe.pass_graphs is not None else None),
+            )
             if units is not None
         },
         "rows": rows,

@@ -157,7 +157,9 @@ class LocalEngineClient:
 
     async def info(self) -> dict[str, Any]:
         running, waiting = self.worker.counts()
-        units = {"head": self.pipeline.head_graphs, "transformer": self.pipeline.pass_graphs}
+        passes = self.pipeline.pass_graphs
+        units = {"head": self.pipeline.head_graphs, "transformer": passes,
+                 "lazy": passes.lazy if passes is not None else None}  # fmt: skip
         return {
             **self._info,
             "graphs": {k: u.stats.as_dict() if u else {"mode": "off"} for k, u in units.items()},

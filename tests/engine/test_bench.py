@@ -50,3 +50,18 @@ def test_warm_up_runs_the_first_steps_of_a_real_run_of_each_mode(monkeypatch, st
     seq_len = pipe.model.cfg.seq_len
     for done in (seen[expected - 1][1], seen[-1][1]):  # each mode's last step
         assert done == seq_len if steps is None else 0 < done < seq_len / 2
+
+
+def test_the_units_bench_times_eager_against_units_and_builds_pool_units_once():
+    """`marche bench --graphs static` on digits: both runners' tokens agree, and MARché's lazy
+    units are built in the warm-up round only (each runner keeps its step engine's pool, as a
+    server does): 4 steps, 2 of them lazy, 2 rounds."""
+    from engine.eval.latency import units_table
+
+    params = SamplingParams(num_iter=4, cfg=3.0)
+    report = units_table("digits", "static", ["marche"], [1], params, repeats=1)
+    (row,) = report["rows"]
+    assert row["mode"] == "marche" and row["eager_ms_per_step"] > 0 and row["speedup"] > 0
+    assert row["max_token_diff"] < 1e-3
+    lazy = report["units"]["lazy"]
+    assert lazy["hits"] == 2 * 2 and lazy["built"] == 2 * 2 and lazy["misses"] == 0

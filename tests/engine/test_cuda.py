@@ -85,7 +85,8 @@ def test_head_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_transformer_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
     """Full passes as CUDA graphs per (rows, known tokens), MARché's cache refills included
-    (bound to the run's pool): fp32 tokens agree with eager to rounding."""
+    (bound to the run's pool), and MARché's lazy passes (append encoder, cache-aware
+    decoder, positions computed on the device): fp32 tokens agree with eager to rounding."""
     from engine.decode.pass_graphs import PassGraphs
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -97,3 +98,5 @@ def test_transformer_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
     out = sample_tokens(cuda_deep, labels, [PARAMS] * 2, rng, make_policy(mode), pass_units=units)
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
     assert units.stats.hits > 0 and units.stats.misses == 0
+    lazy = units.lazy.stats
+    assert lazy.misses == 0 and (lazy.hits > 0) == (mode != "mar")

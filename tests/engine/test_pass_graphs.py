@@ -60,6 +60,9 @@ def test_an_image_under_the_units_does_not_depend_on_batch_mates_or_pads(deep, m
     ours = many.admit(5, GUIDED, PRESETS[mode], rng(deep, 2))
     drive(many, [*mates, ours], lambda: ours.finished)
     assert padded.stats.hits > 0 and padded.stats.padded_rows > alone_units.stats.padded_rows
+    if mode != "mar":  # MARché's lazy passes too: 32 rows, all 256 known tokens
+        assert padded.lazy.stats.hits > 0 and padded.lazy.stats.misses == 0
+        assert padded.lazy.stats.padded_rows > alone_units.lazy.stats.padded_rows
     assert_same_image(many.tokens([ours]), few.tokens([alone]))
 
 
@@ -109,8 +112,8 @@ def test_auto_measures_eager_against_a_unit_without_counting_hits(deep):
 
 
 def test_units_bound_to_a_pool_go_with_it(deep):
-    """A refill unit writes into its step engine's pool; once the engine is gone, so are its
-    units (the batch sampler makes a pool per batch: nothing may pile up)."""
+    """Refill and lazy units write into their step engine's pool; once the engine is gone,
+    so are its units (the batch sampler makes a pool per batch: nothing may pile up)."""
     import gc
 
     units = PassGraphs(deep, "static")
@@ -119,8 +122,9 @@ def test_units_bound_to_a_pool_go_with_it(deep):
         engine = StepEngine(deep, 1, pass_units=units)
         row = engine.admit(5, GUIDED, PRESETS["marche"], rng(deep, 2))
         drive(engine, [row], lambda: row.finished)
-        assert units.bound_pools == 1 and units.stats.hits > 0
+        assert units.bound_pools == units.lazy.bound_pools == 1
+        assert units.stats.hits > 0 and units.lazy.stats.hits > 0
 
     one_image()
     gc.collect()
-    assert units.bound_pools == 0
+    assert units.bound_pools == units.lazy.bound_pools == 0

@@ -1,0 +1,118 @@
+"""MARché's lazy passes as units (`engine/decode/lazy_graphs.py`): positions computed on the
+device from a per-row plan and the slot's order, padded to buckets of rows, appended, known
+and active tokens. Every MARché mode and knob equals eager, pad rows write nothing but the
+scratch row, what no unit serves runs eager and is counted, and nothing is compiled while
+serving. (Batch and pad independence: tests/engine/test_pass_graphs.py; CUDA: test_cuda.py.)"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from engine.decode.lazy_graphs import LazyGraphs, powers_of_two
+from engine.decode.marche import MarcheConfig
+from engine.decode.pass_graphs import PassGraphs
+from engine.decode.policy import PRESETS, make_policy
+from engine.decode.randomness import request_randomness
+from engine.decode.sampler import sample_tokens
+from engine.decode.step import StepEngine
+from engine.model.config import SamplingParams
+from tests.engine.test_step import GUIDED, assert_same_image, rng
+
+
+def run(model, policy, units, params=GUIDED):
+    cfg = model.cfg
+    randomness = request_randomness((1, 2), cfg.seq_len, cfg.token_embed_dim, 100, "cpu")
+    return sample_tokens(model, torch.tensor((3, 5)), [params] * 2, randomness, policy,
+                         pass_units=units)  # fmt: skip
+
+
+def lazy_steps(policy) -> int:
+    return sum(active < 1.0 for active in policy.stats)
+
+
+def test_buckets_are_powers_of_two_up_to_the_sequence_and_the_slots(deep):
+    lazy = PassGraphs(deep, "static").lazy
+    assert powers_of_two(6) == (1, 2, 4, 6) and powers_of_two(8) == (1, 2, 4, 8)
+    assert lazy.appended == (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens appended per row
+    assert lazy.actives == (*lazy.appended, 272)  # buffer 16 + 256 tokens
+    assert lazy.buckets == (1, 2, 4, 8, 16, 32) and lazy.lengths == tuple(range(32, 257, 32))
+
+
+@pytest.mark.parametrize("mode", ["marche", "turbo"])
+def test_every_lazy_pass_as_a_unit_equals_eager(deep, mode):
+    units, policy = PassGraphs(deep, "static"), make_policy(mode)
+    tokens = run(deep, policy, units)
+    assert_same_image(tokens, run(deep, make_policy(mode), None))
+    assert units.lazy.stats.hits == lazy_steps(policy) > 0 and units.lazy.stats.misses == 0
+
+
+@pytest.mark.parametrize(
+    "knobs, params",
+    [
+        ({"refresh": "low_attention"}, GUIDED),
+        ({"caching_tokens": False}, GUIDED),
+        ({"selection_layer": 1, "budget": 16}, GUIDED),
+        ({"selection_layer": 4, "refresh_period": 2}, GUIDED),  # no late layers
+        ({"budget": 200}, GUIDED),  # active bucket 256: more than the known-token buckets
+        ({}, SamplingParams(num_iter=4, cfg=1.0)),  # forced tokens above the budget
+    ],
+)
+def test_marche_knobs_under_lazy_units_equal_eager(deep, knobs, params):
+    units, policy = PassGraphs(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
+    tokens = run(deep, policy, units, params)
+    assert_same_image(tokens, run(deep, make_policy("marche", MarcheConfig(**knobs)), None, params))
+    assert units.lazy.stats.hits == lazy_steps(policy) > 0 and units.lazy.stats.misses == 0
+
+
+@pytest.mark.parametrize("knobs", [{"refresh": "random"}, {"encoder": "full"}])
+def test_ablations_no_unit_serves_run_eager_and_are_counted(deep, knobs):
+    units, policy = PassGraphs(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
+    tokens = run(deep, policy, units)
+    assert_same_image(tokens, run(deep, make_policy("marche", MarcheConfig(**knobs)), None))
+    assert units.lazy.stats.hits == 0 and units.lazy.stats.misses == lazy_steps(policy) > 0
+
+
+def test_pad_rows_write_only_the_scratch_row(deep):
+    """Three images fill the pool; one more lazy step of one of them (2 rows, padded to a
+    4-row bucket) changes its own pool rows and the scratch row, nobody else's."""
+    units = PassGraphs(deep, "static", buckets=(4, 8))
+    engine = StepEngine(deep, 3, pass_units=units)
+    rows = [engine.admit(c, GUIDED, PRESETS["marche"], rng(deep, c)) for c in (1, 2, 3)]
+    engine.step(rows)  # a full step: every cache filled
+    pool = engine.pool
+    before = {name: b.clone() for name, b in pool.buffers.items()}
+    tokens = pool.tokens.clone()
+    engine.step(rows[1:2])  # lazy
+    assert (units.lazy.stats.hits, units.lazy.stats.padded_rows) == (1, 2)
+    ours = [pool.twin(rows[1].slot, half) for half in (0, 1)]
+    others = [r for r in range(2 * pool.capacity) if r not in ours]
+    for name, buffer in pool.buffers.items():
+        if name != "diff":  # the condition cache's, per image slot (not written when lazy)
+            assert torch.equal(buffer[others], before[name][others]), name
+            assert not torch.equal(buffer[ours], before[name][ours]), name
+    assert torch.equal(pool.tokens[[0, 2]], tokens[[0, 2]])
+
+
+def test_units_past_the_cap_are_not_built_and_their_passes_run_eager(deep):
+    units, policy = PassGraphs(deep, "static"), make_policy("marche")
+    units.lazy.max_units = 2  # one lazy pass's append and decoder units
+    assert_same_image(run(deep, policy, units), run(deep, make_policy("marche"), None))
+    stats = units.lazy.stats
+    assert stats.built == 2 and stats.hits >= 1 and stats.misses >= 1
+    assert stats.hits + stats.misses == lazy_steps(policy)
+    gc.collect()  # the batch's pool is gone, and its units with it: the cap counts live ones
+    hits = stats.hits
+    run(deep, make_policy("marche"), units)
+    assert stats.built == 4 and stats.hits > hits
+
+
+def test_lazy_units_are_never_compiled_while_serving(deep):
+    """Under "compile" a lazy pass needs units bound to the serving pool, which do not exist
+    at start-up: it runs eager (counted), nothing is compiled."""
+    units, policy = PassGraphs(deep, "compile", buckets=(4,), lengths=(256,)), make_policy("marche")
+    assert isinstance(units.lazy, LazyGraphs)
+    assert_same_image(run(deep, policy, units), run(deep, make_policy("marche"), None))
+    assert units.lazy.stats.built == 0 and units.lazy.stats.misses == lazy_steps(policy) > 0
