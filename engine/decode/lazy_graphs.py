@@ -121,13 +121,14 @@ class LazyGraphs(Units):
         pad = RowPlan(0, pool.scratch, known=1, generating=1, caching=0, start=buf, refresh=0)
         values = [v for p in plan + [pad] * (rows - len(plan)) for v in p]
         self._plan(rows).copy_(to_device(values, self.device).view(rows, len(RowPlan._fields)))
-        append, decoder = self._units_for(pool, config, *sizes)  # built on the real plan
         self.stats.hits += 1
         self.stats.padded_rows += rows - len(calls)
+        append_key, decoder_key = self._keys(config, *sizes)
         with timer.phase("encoder"):
-            append()
+            self._unit(pool, append_key)()
         with timer.phase("decoder"):
-            x = decoder()[: len(calls), : max(p.generating for p in plan)].clone()  # (G, k, D)
+            x = self._unit(pool, decoder_key)()  # (G, A, D)
+            x = x[: len(calls), : max(p.generating for p in plan)].clone()  # (G, k, D)
         for c, p, h in zip(calls, plan, x, strict=True):
             c.h, c.active = h[: p.generating], p.active / self.num_slots
             pool.enc_len[c.pool_row] = buf + p.known
@@ -160,13 +161,14 @@ class LazyGraphs(Units):
         alive = sum(len(units) for units in self._units.values())
         return self.mode != "compile" and alive + len(missing) <= self.max_units
 
-    def _units_for(self, pool: SlotPool, config: MarcheConfig, *sizes: int):
+    def _unit(self, pool: SlotPool, key: tuple) -> Callable:
+        """The unit of `key` for `pool`, built now if missing: on this pass's plan, after the
+        append unit has run (a capture's warm-up runs the unit, which writes the pool)."""
         units = self._units.setdefault(pool, {})
-        for key in self._keys(config, *sizes):
-            if key not in units:  # append first: the decoder's warm-up reads what it wrote
-                build = self._build_append if key[0] == "append" else self._build_decoder
-                units[key] = build(pool, *key[1:])
-        return tuple(units[key] for key in self._keys(config, *sizes))
+        if key not in units:
+            build = self._build_append if key[0] == "append" else self._build_decoder
+            units[key] = build(pool, *key[1:])
+        return units[key]
 
     def _plan(self, rows: int) -> Tensor:
         if rows not in self._plans:

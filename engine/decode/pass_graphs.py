@@ -101,21 +101,21 @@ class PassGraphs(Units):
         positions per row, class embeddings (G, D)), or None: run it eager."""
         g, n = len(known), max(len(k) for k in known)
         rows, length = bucket_for(g, self.buckets), bucket_for(max(n, 1), self.lengths)
-        unit = None
-        if model is self.model and rows is not None and length is not None:
-            key = (rows, length) if fill is None else (rows, length, fill.encoder,
-                                                       fill.decoder_from)  # fmt: skip
-            units = self._units if fill is None else self._fills.setdefault(fill.pool, {})
-            unit = units.get(key)
-            if unit is None and self.mode != "compile":  # never compile while serving
-                unit = units[key] = self._build(rows, length, fill)
-        if unit is None:
+        if model is not self.model or rows is None or length is None:
             self.stats.misses += 1
             return None
-        buffers, (encoder, decoder) = self._buffers[(rows, length)], unit
+        key = (rows, length) if fill is None else (rows, length, fill.encoder, fill.decoder_from)
+        units = self._units if fill is None else self._fills.setdefault(fill.pool, {})
+        if key not in units and self.mode == "compile":  # never compile while serving
+            self.stats.misses += 1
+            return None
+        buffers = self._buffers_for(rows, length)
         buffers.load(tokens, known, cls, model.cfg.seq_len)
         if fill is not None:
             buffers.load_rows(fill)
+        if key not in units:  # built on this call's inputs: a capture's warm-up runs it, and
+            units[key] = self._build(rows, length, fill)  # a refill writes the pool
+        encoder, decoder = units[key]
         self.stats.hits += 1
         self.stats.padded_rows += rows - g
         with timer.phase("encoder"):

@@ -11,6 +11,7 @@ import gc
 import pytest
 import torch
 
+from engine.decode.graphs import Units
 from engine.decode.lazy_graphs import LazyGraphs, powers_of_two
 from engine.decode.marche import MarcheConfig
 from engine.decode.pass_graphs import PassGraphs
@@ -19,7 +20,7 @@ from engine.decode.randomness import request_randomness
 from engine.decode.sampler import sample_tokens
 from engine.decode.step import StepEngine
 from engine.model.config import SamplingParams
-from tests.engine.test_step import GUIDED, assert_same_image, rng
+from tests.engine.test_step import GUIDED, assert_same_image, drive, rng
 
 
 def run(model, policy, units, params=GUIDED):
@@ -116,3 +117,30 @@ def test_lazy_units_are_never_compiled_while_serving(deep):
     assert isinstance(units.lazy, LazyGraphs)
     assert_same_image(run(deep, policy, units), run(deep, make_policy("marche"), None))
     assert units.lazy.stats.built == 0 and units.lazy.stats.misses == lazy_steps(policy) > 0
+
+
+@pytest.mark.parametrize("mode", ["marche", "turbo"])
+def test_units_built_mid_run_warm_up_on_the_call_they_serve(deep, mode, monkeypatch):
+    """Before a capture, CUDA graphs run the unit twice (warm-up). A unit that writes the pool
+    (a refill or a lazy pass) must warm up on the inputs of the call it is built for: stale
+    or fresh (zero) buffers would write other rows' caches. Simulated on the CPU: every unit
+    runs twice as it is built. Image B (16 steps) joins image A (8 steps) after A's first
+    step, so B's refills need shapes A never had while A's lazy steps read A's caches."""
+
+    def warmed_up(self, fn):
+        fn(), fn()
+        return fn
+
+    def two_images(units) -> torch.Tensor:
+        engine = StepEngine(deep, 2, pass_units=units)
+        a = engine.admit(3, GUIDED, PRESETS[mode], rng(deep, 1))
+        engine.step([a])
+        b = engine.admit(5, SamplingParams(16, cfg=3.0), PRESETS[mode], rng(deep, 2))
+        drive(engine, [a, b], lambda: a.finished and b.finished)
+        return engine.tokens([a, b])
+
+    expected = two_images(None)
+    monkeypatch.setattr(Units, "runner", warmed_up)
+    units = PassGraphs(deep, "static", lengths=range(8, 257, 8))
+    assert_same_image(two_images(units), expected)
+    assert units.lazy.stats.hits > 0 and units.stats.hits > 0
