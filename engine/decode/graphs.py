@@ -18,9 +18,10 @@ Modes (`GRAPH_MODES`):
 * ``graphs`` (CUDA): the eager code captured as one `torch.cuda.CUDAGraph` per key and
   replayed: one launch per unit. The captured kernels are eager's, so a replay computes what
   eager computes on the same padded rows. Captured at start-up for the shapes known then,
-  later shapes on first use (a capture costs about two eager runs); all graphs share one
-  memory pool: they never run concurrently and each output is copied out before the next
-  replay.
+  later shapes on first use (a capture costs about two eager runs, its warm-up); all graphs
+  share one memory pool: they never run concurrently and each output is copied out before
+  the next replay. A unit that writes the slot pool is built on the inputs of the call it
+  serves, so its warm-up writes what the call writes.
 * ``compile``: inductor, at start-up only (on CPU about 10-25 s per unit): the head's whole
   DDPM loop (`compiled_head.py`), the transformer's encoder and decoder per unit.
 * ``static``: the eager code on the padded static buffers, without capture: the units'
