@@ -37,10 +37,11 @@ plan not compiled) run eager and are counted.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -134,6 +135,14 @@ class Units:
             return out
 
         return replay
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Counts the unit built inside, and the seconds its building took."""
+        started = time.perf_counter()
+        yield
+        self.stats.built += 1
+        self.stats.build_seconds += time.perf_counter() - started
 
     def count_buffers(self, *tensors: torch.Tensor | None) -> None:
         if self.device.type != "cuda":  # on CUDA the pool's growth is measured instead

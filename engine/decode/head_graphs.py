@@ -126,18 +126,16 @@ class HeadGraphs(Units):
         return self._buffers[(guided, bucket)]
 
     def _build(self, plan: HeadPlan, guided: bool, bucket: int) -> tuple:
-        started = time.perf_counter()
         buffers = self._buffers_for(guided, bucket)
         args = buffers.args(plan)
-        if self.mode == "compile":
-            loop = compiled_loop(self.head.net, plan, guided)
-            loop(*args)  # compiles now, not while serving
-            run = lambda: loop(*args)  # noqa: E731
-        else:
-            run = self.runner(lambda: head_sampling.sample(self.head, plan, *args))
+        with self.building():
+            if self.mode == "compile":
+                loop = compiled_loop(self.head.net, plan, guided)
+                loop(*args)  # compiles now, not while serving
+                run = lambda: loop(*args)  # noqa: E731
+            else:
+                run = self.runner(lambda: head_sampling.sample(self.head, plan, *args))
         self._units[(plan.key, guided, bucket)] = (buffers, run)
-        self.stats.built += 1
-        self.stats.build_seconds += time.perf_counter() - started
         return buffers, run
 
 

@@ -29,7 +29,6 @@ refresh ablation and the "full" encoder ablation run eager, counted as misses.
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -166,8 +165,9 @@ class LazyGraphs(Units):
         append unit has run (a capture's warm-up runs the unit, which writes the pool)."""
         units = self._units.setdefault(pool, {})
         if key not in units:
-            build = self._build_append if key[0] == "append" else self._build_decoder
-            units[key] = build(pool, *key[1:])
+            computation = self._append_fn if key[0] == "append" else self._decoder_fn
+            with self.building():
+                units[key] = self.runner(computation(pool, *key[1:]))
         return units[key]
 
     def _plan(self, rows: int) -> Tensor:
@@ -177,8 +177,9 @@ class LazyGraphs(Units):
             self.count_buffers(self._plans[rows])
         return self._plans[rows]
 
-    def _build_append(self, pool: SlotPool, rows: int, appended: int, known: int) -> Callable:
-        started, model, dev = time.perf_counter(), self.model, self.device
+    def _append_fn(self, pool: SlotPool, rows: int, appended: int, known: int) -> Callable:
+        """The append unit's computation over the plan of `rows` rows."""
+        model, dev = self.model, self.device
         buf, seq_len, num_slots = model.cfg.buffer_size, model.cfg.seq_len, self.num_slots
         plan, pool_ref, enc_key = self._plan(rows), weakref.ref(pool), (rows, known)
 
@@ -199,12 +200,13 @@ class LazyGraphs(Units):
                 self.count_buffers(self._enc[enc_key])
             self._enc[enc_key].copy_(enc_out[pool_row, :end])  # (G, buf + n, D)
 
-        return self._built(append, started)
+        return append
 
-    def _build_decoder(
+    def _decoder_fn(
         self, pool: SlotPool, rows: int, known: int, active: int, selection_layer: int, rule: str
     ) -> Callable:
-        started, model, dev = time.perf_counter(), self.model, self.device
+        """The decoder unit's computation over the plan of `rows` rows."""
+        model, dev = self.model, self.device
         buf, seq_len, num_slots = model.cfg.buffer_size, model.cfg.seq_len, self.num_slots
         plan, pool_ref, enc_key = self._plan(rows), weakref.ref(pool), (rows, known)
         config = MarcheConfig(selection_layer=selection_layer, refresh=rule)
@@ -227,10 +229,4 @@ class LazyGraphs(Units):
             flat = (slots + (pool_row * num_slots)[:, None]).flatten()  # (G*A,)
             return active_layers(model, pool, config, x, slots, flat, pool_row)  # (G, A, D)
 
-        return self._built(decoder, started)
-
-    def _built(self, fn: Callable, started: float) -> Callable:
-        unit = self.runner(fn)
-        self.stats.built += 1
-        self.stats.build_seconds += time.perf_counter() - started
-        return unit
+        return decoder

@@ -29,7 +29,7 @@ from engine.decode.graphs import GRAPH_MODES, Units, bucket_for, compare, log, p
 from engine.decode.lazy_graphs import LazyGraphs
 from engine.decode.pool import SlotPool, to_device
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
-from engine.decode.transformer import Fill, pad
+from engine.decode.transformer import Fill, decoder_layers, encoder_layers, pad
 from engine.model.mar import MAR
 
 PASS_BUCKETS = (1, 2, 4, 8, 16, 32)  # transformer rows (CFG halves) per pass
@@ -155,7 +155,6 @@ class PassGraphs(Units):
         return self._buffers[(rows, length)]
 
     def _build(self, rows: int, length: int, fill: Fill | None) -> tuple[Callable, Callable]:
-        started = time.perf_counter()
         model, buf = self.model, self.model.cfg.buffer_size
         b = self._buffers_for(rows, length)
         depth = len(model.decoder_blocks)
@@ -165,16 +164,8 @@ class PassGraphs(Units):
 
         def encoder() -> None:  # as transformer.full_pass's encoder phase
             x = model.encoder_input(b.tokens, b.known_enc, b.cls)  # (G, buffer + n, D)
-            pool = pool_ref() if pool_ref is not None else None
-            for i, block in enumerate(model.encoder_blocks):
-                if fill_encoder:
-                    k, v = pool.kv("enc", i, block, x)
-                    x = block.forward_fill(x, k, v, b.pool_rows, b.key_mask)
-                else:
-                    x = block(x, b.key_mask)
-            out = model.encoder_norm(x)
-            if fill_encoder:
-                pool.enc_out(out)[b.pool_rows, : out.shape[1]] = out
+            pool = pool_ref() if fill_encoder else None
+            out = encoder_layers(model, x, b.key_mask, pool, b.pool_rows)
             if b.enc is None:
                 b.enc = torch.empty_like(out)
             b.enc.copy_(out)
@@ -182,20 +173,12 @@ class PassGraphs(Units):
         def decoder() -> Tensor:  # as transformer.full_pass's decoder phase
             x = model.decoder_input(b.enc, b.known_dec)  # (G, buffer + L, D)
             pool = pool_ref() if pool_ref is not None else None
-            for i, block in enumerate(model.decoder_blocks):
-                if i >= fill_from:
-                    k, v = pool.kv("dec", i, block, x)
-                    x = block.forward_fill(x, k, v, b.pool_rows, None)
-                else:
-                    x = block(x)
-            return x[:, buf:]
+            return decoder_layers(model, x, fill_from, pool, b.pool_rows)[:, buf:]
 
-        if self.mode == "compile":
-            encoder()  # allocates b.enc outside the compiled code (graphs: in the warm-up)
-        unit = (self.runner(encoder), self.runner(decoder))
-        self.stats.built += 1
-        self.stats.build_seconds += time.perf_counter() - started
-        return unit
+        with self.building():
+            if self.mode == "compile":
+                encoder()  # allocates b.enc outside the compiled code (graphs: in the warm-up)
+            return self.runner(encoder), self.runner(decoder)
 
 
 def build_pass(model: MAR, mode: str, buckets: str | Sequence[int]) -> PassGraphs | None:

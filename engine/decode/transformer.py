@@ -118,28 +118,47 @@ def full_pass(
         x = model.encoder_input(
             tokens_of(pool, calls), pad([c.known for c in calls], 0), class_embedding(model, calls)
         )  # (G, buf + n_max, D)
-        for i, block in enumerate(model.encoder_blocks):
-            if fill:
-                k, v = pool.kv("enc", i, block, x)
-                x = block.forward_fill(x, k, v, rows, key_mask)
-            else:
-                x = block(x, key_mask)
-        enc = model.encoder_norm(x)
+        enc = encoder_layers(model, x, key_mask, pool if fill else None, rows)
         if fill:
-            pool.enc_out(enc)[rows, : enc.shape[1]] = enc
             for c, n in zip(calls, lengths, strict=True):
                 pool.enc_len[c.pool_row] = buf + n
     with timer.phase("decoder"):
         x = model.decoder_input(enc, pad([c.known for c in calls], seq_len))  # (G, buf + L, D)
-        for i, block in enumerate(model.decoder_blocks):
-            if i >= fill_from:
-                k, v = pool.kv("dec", i, block, x)
-                x = block.forward_fill(x, k, v, rows, None)
-            else:
-                x = block(x)
-        hidden = x[:, buf:]  # (G, L, D) before decoder_norm
+        hidden = decoder_layers(model, x, fill_from, pool, rows)[:, buf:]  # (G, L, D)
         for c, h in zip(calls, hidden, strict=True):
             c.h_all, c.h, c.active = h, h[c.pred], 1.0
+
+
+# -- the pieces of a full pass, shared by the eager pass above and its units (pass_graphs.py)
+
+
+def encoder_layers(
+    model: MAR, x: Tensor, key_mask: Tensor | None, pool: SlotPool | None, rows
+) -> Tensor:
+    """The encoder blocks and norm over x (G, buffer + n, D), padded keys masked; with a
+    pool, each layer's K/V and the outputs go into slots [0, buffer + n) of pool `rows`."""
+    for i, block in enumerate(model.encoder_blocks):
+        if pool is not None:
+            k, v = pool.kv("enc", i, block, x)
+            x = block.forward_fill(x, k, v, rows, key_mask)
+        else:
+            x = block(x, key_mask)
+    enc = model.encoder_norm(x)
+    if pool is not None:
+        pool.enc_out(enc)[rows, : enc.shape[1]] = enc
+    return enc
+
+
+def decoder_layers(model: MAR, x: Tensor, fill_from: int, pool: SlotPool | None, rows) -> Tensor:
+    """The decoder blocks over x (G, buffer + L, D), before decoder_norm; from layer
+    `fill_from` on, each layer's K/V go into pool `rows`."""
+    for i, block in enumerate(model.decoder_blocks):
+        if i >= fill_from:
+            k, v = pool.kv("dec", i, block, x)
+            x = block.forward_fill(x, k, v, rows, None)
+        else:
+            x = block(x)
+    return x
 
 
 def _run_units(model, pool: SlotPool, calls: list[Call], timer, units: PassUnits, fill) -> bool:
