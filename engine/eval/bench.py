@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.decode.marche import MarcheConfig
-from engine.decode.policy import MODES, make_policy
+from engine.decode.policy import MODES, DecodeConfig, make_policy
 from engine.decode.profiling import PhaseTimer
 from engine.decode.sampler import StepInfo
+from engine.decode.step import Row, StepEngine
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -54,6 +55,14 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def admit_images(
+    pipe: Pipeline, engine: StepEngine, batch: int, params: SamplingParams, config: DecodeConfig
+) -> list[Row]:
+    """The `batch` images a benchmark makes, as rows of `engine`: class i modulo the class
+    count and seed i, as `run_once` generates them."""
+    return [pipe.admit(engine, i % pipe.num_classes, i, params, config) for i in range(batch)]
 
 
 def run_once(

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import (
 from engine.decode.graphs import Units
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import make_policy
+from engine.eval.bench import admit_images
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -116,8 +117,7 @@ def count_run(
     with torch.inference_mode(), counter:
         engine = pipe.step_engine(batch)
         with counter.phase("admit"):
-            rows = [pipe.admit(engine, i % pipe.num_classes, i, params, config)
-                    for i in range(batch)]  # fmt: skip
+            rows = admit_images(pipe, engine, batch, params, config)
         with pipe.autocast(), counter.phase("glue"):
             for _ in range(min(steps or params.num_iter, len(rows[0].plan))):
                 engine.step(rows, timer=counter)

@@ -25,7 +25,7 @@ from engine.decode.marche import MarcheConfig
 from engine.decode.pass_graphs import PASS_BUCKETS
 from engine.decode.policy import make_policy
 from engine.decode.step import StepEngine
-from engine.eval.bench import device_name
+from engine.eval.bench import admit_images, device_name
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -38,7 +38,7 @@ def _run(pipe: Pipeline, engine: StepEngine, mode: str, batch: int, params, marc
     out: list[torch.Tensor] = []
 
     def generate() -> None:
-        rows = [pipe.admit(engine, i % pipe.num_classes, i, params, config) for i in range(batch)]
+        rows = admit_images(pipe, engine, batch, params, config)
         with pipe.autocast():
             while not rows[0].finished:
                 engine.step(rows)
