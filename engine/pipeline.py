@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.decode import head as head_sampling
-from engine.decode.compile import compile_model
-from engine.decode.head import HeadSampler
-from engine.decode.head_graphs import HEAD_BUCKETS, HeadGraphs, build_head
-from engine.decode.pass_graphs import PASS_BUCKETS, PassGraphs, build_pass
 from engine.decode.policy import PRESETS, DecodeConfig, DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import SeededRandomness, request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
 from engine.decode.step import Row, StepEngine
+from engine.decode.units.build import build_units
+from engine.decode.units.common import DecodeUnits
+from engine.decode.units.full import PASS_BUCKETS
+from engine.decode.units.head import HEAD_BUCKETS
 from engine.hub import VAE, find_weights
 from engine.labels import ClassNames, digit_classes, imagenet_classes
 from engine.model.checkpoint import load_strict, read_state_dict
@@ -94,11 +93,11 @@ def weight_paths(
     return checkpoint or spec.weights or cached[name], vae or cached.get(VAE)
 
 
-def load_mar(cfg: MARConfig, path: str | Path, device: torch.device | str = "cpu") -> MAR:
-    """Build `cfg` and load an official `checkpoint-last.pth` (EMA preferred) or safetensors."""
+def load_mar(config: MARConfig, path: str | Path, device: torch.device | str = "cpu") -> MAR:
+    """Build `config` and load an official `checkpoint-last.pth` (EMA preferred) or safetensors."""
     state = read_state_dict(path, prefer=("model_ema", "model"))
     with torch.device("meta"):  # no random init: every parameter comes from the file
-        model = MAR(cfg)
+        model = MAR(config)
     model = model.to_empty(device="cpu")
     load_strict(model, {k: v.float() for k, v in state.items()}, what=f"checkpoint {path}")
     return model.to(device).eval()
@@ -111,31 +110,25 @@ class Pipeline:
         self.name, self.spec = name, MODELS[name]
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
-        self.head_graphs: HeadGraphs | None = None  # see `use_graphs`; None: eager
-        self.pass_graphs: PassGraphs | None = None
+        self.units = DecodeUnits()  # the phases that run as units (`use_units`); none: eager
 
-    @property
-    def sample_head(self) -> HeadSampler:
-        """How the step engines run the head: its units, or the eager sampler."""
-        return self.head_graphs or head_sampling.sample
-
-    def use_graphs(
+    def use_units(
         self,
         mode: str = "auto",
         head_buckets: str | Sequence[int] = HEAD_BUCKETS,
         pass_buckets: str | Sequence[int] = PASS_BUCKETS,
         guided: Sequence[bool] = (True, False),
     ) -> None:
-        """Run the diffusion head and the transformer's full passes as units per row
-        bucket (engine/decode/graphs.py): "graphs" (CUDA graphs), "compile" (inductor),
-        "static", "off", or "auto" (CUDA graphs where they measure faster than eager on this
-        device; elsewhere eager). Builds them now; the head's for `guided` (cfg != 1) rows,
-        unguided ones, or both."""
+        """Run the diffusion head and the transformer's passes as units per bucket
+        (engine/decode/units/): "cuda-graphs", "compile" (inductor), "static", "off", or
+        "auto" (CUDA graphs where they measure faster than eager on this device; elsewhere
+        eager). Builds them now; the head's for `guided` (cfg != 1) rows, unguided ones, or
+        both."""
         with self.autocast():
-            self.head_graphs = build_head(
-                self.model.diffloss, mode, head_buckets, PRESETS.values(), guided
+            units = build_units(
+                self.model, mode, PRESETS.values(), head_buckets, pass_buckets, guided
             )
-            self.pass_graphs = build_pass(self.model, mode, pass_buckets)
+        self.units = units or DecodeUnits()
 
     @classmethod
     def load(
@@ -146,36 +139,34 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "auto",
         random_weights: bool = False,
-        compile: str = "off",
-        graphs: str = "off",
+        units: str = "off",
         head_buckets: str | Sequence[int] = HEAD_BUCKETS,
         pass_buckets: str | Sequence[int] = PASS_BUCKETS,
     ) -> Pipeline:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
         spec, dev = MODELS[name], resolve_device(device)
-        cfg = spec.config
+        config = spec.config
         if random_weights:
-            model = MAR(cfg).to(dev).eval()
+            model = MAR(config).to(dev).eval()
         else:
             checkpoint, vae = weight_paths(name, checkpoint, vae)
-            model = load_mar(cfg, checkpoint, dev)
+            model = load_mar(config, checkpoint, dev)
         tokenizer: Tokenizer
-        if cfg.tokenizer == "pixels":
-            tokenizer = PixelTokenizer(cfg)
+        if config.tokenizer == "pixels":
+            tokenizer = PixelTokenizer(config)
         elif vae is not None:
-            tokenizer = KL16Tokenizer(cfg, load_vae(vae, KL16, dev))
+            tokenizer = KL16Tokenizer(config, load_vae(vae, KL16, dev))
         else:  # random weights: an untrained VAE
-            tokenizer = KL16Tokenizer(cfg, AutoencoderKL(KL16).to(dev).eval())
-        model = compile_model(model, compile)
+            tokenizer = KL16Tokenizer(config, AutoencoderKL(KL16).to(dev).eval())
         pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
-        if graphs != "off":
-            pipeline.use_graphs(graphs, head_buckets, pass_buckets)
+        if units != "off":
+            pipeline.use_units(units, head_buckets, pass_buckets)
         return pipeline
 
     @property
     def num_classes(self) -> int:
-        return self.model.cfg.class_num
+        return self.model.config.class_num
 
     def check_class_ids(self, class_ids: Sequence[int]) -> None:
         for c in class_ids:
@@ -205,11 +196,11 @@ class Pipeline:
             raise ValueError("one seed per image is needed")
         if params is None or isinstance(params, SamplingParams):
             params = [params or self.spec.defaults] * len(class_ids)
-        cfg = self.model.cfg
+        config = self.model.config
         randomness = request_randomness(
             seeds,
-            cfg.seq_len,
-            cfg.token_embed_dim,
+            config.seq_len,
+            config.token_embed_dim,
             self.model.diffloss.gen_schedule.num_timesteps,
             self.device,
         )
@@ -223,15 +214,14 @@ class Pipeline:
                 policy,
                 on_step,
                 timer,
-                self.sample_head,
-                self.pass_graphs,
+                self.units,
             )
 
     # -- step-level API (continuous batching): rows join and leave a StepEngine at any step --
 
     def step_engine(self, capacity: int) -> StepEngine:
         """A step engine whose cache pool holds `capacity` images."""
-        return StepEngine(self.model, capacity, self.device, self.sample_head, self.pass_graphs)
+        return StepEngine(self.model, capacity, self.device, self.units)
 
     def admit(
         self,
@@ -243,8 +233,9 @@ class Pipeline:
     ) -> Row:
         """One image as a row of `engine`, with the same randomness `generate` gives it."""
         self.check_class_ids([class_id])
-        cfg, steps = self.model.cfg, self.model.diffloss.gen_schedule.num_timesteps
-        randomness = SeededRandomness(seed, cfg.seq_len, cfg.token_embed_dim, steps, self.device)
+        seq_len, dim = self.model.config.seq_len, self.model.config.token_embed_dim
+        steps = self.model.diffloss.gen_schedule.num_timesteps
+        randomness = SeededRandomness(seed, seq_len, dim, steps, self.device)
         return engine.admit(int(class_id), params, config, randomness)
 
     def step(self, engine: StepEngine, rows: Sequence[Row]) -> None:

@@ -71,9 +71,9 @@ class FlatRows:
 
 
 def image_shape(model: str) -> tuple[int, int, int]:
-    cfg = MODELS[model].config
-    channels = cfg.vae_embed_dim if cfg.tokenizer == "pixels" else 3
-    return cfg.img_size, cfg.img_size, channels
+    config = MODELS[model].config
+    channels = config.vae_embed_dim if config.tokenizer == "pixels" else 3
+    return config.img_size, config.img_size, channels
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -156,9 +156,9 @@ def info(
     for name, spec in MODELS.items():
         if model and name != model:
             continue
-        cfg = spec.config
+        config = spec.config
         with torch.device("meta"):
-            net = MAR(cfg)
+            net = MAR(config)
         total = sum(p.numel() for p in net.parameters())
         head = sum(p.numel() for p in net.diffloss.parameters())
         d = spec.defaults
@@ -166,10 +166,10 @@ def info(
         table.add_row(
             name,
             f"{total:,}",
-            f"{head:,} ({cfg.diffloss_d}x{cfg.diffloss_w})",
-            f"{cfg.encoder_depth}/{cfg.decoder_depth} x {cfg.encoder_embed_dim}",
-            f"{cfg.seq_len} x {cfg.token_embed_dim}",
-            str(cfg.class_num),
+            f"{head:,} ({config.diffloss_d}x{config.diffloss_w})",
+            f"{config.encoder_depth}/{config.decoder_depth} x {config.encoder_embed_dim}",
+            f"{config.seq_len} x {config.token_embed_dim}",
+            str(config.class_num),
             f"steps {d.num_iter}, cfg {d.cfg} {d.cfg_schedule}, T {d.temperature}",
             weights,
         )

@@ -13,7 +13,6 @@ from rich.table import Table
 from marche.options import (
     BudgetOpt,
     CachingOpt,
-    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     EncoderOpt,
@@ -191,7 +190,6 @@ def bench(
     selection_layer: SelectionOpt = 2,
     refresh_period: PeriodOpt = 3,
     encoder: EncoderOpt = "cache",
-    compile: CompileOpt = "off",
     flops: Annotated[
         bool, typer.Option("--flops", help="count FLOPs per image per phase instead of timing")
     ] = False,
@@ -199,21 +197,22 @@ def bench(
         bool,
         typer.Option("--dispatch", help="count operator calls per AR step and phase (on the CPU)"),
     ] = False,
-    graphs: Annotated[
+    units: Annotated[
         str | None,
         typer.Option(
-            help="time eager vs the head and transformer as units per row bucket: "
-            "graphs (CUDA), compile or static, interleaved, per mode and --batches"
+            help="time eager vs the head and transformer passes as units per bucket: "
+            "cuda-graphs, compile or static, interleaved, per mode and --batches "
+            "(with --dispatch: count each unit run as one call)"
         ),
     ] = None,
     batches: Annotated[
-        str, typer.Option(help="with --dispatch or --graphs: comma-separated batch sizes")
+        str, typer.Option(help="with --dispatch or --units: comma-separated batch sizes")
     ] = "1,4,16",
     head_buckets: Annotated[
-        str, typer.Option(help="with --graphs: the head's row buckets")
+        str, typer.Option(help="with --units: the head's token buckets")
     ] = "1,2,4,8,16,32,64,128,256",
     pass_buckets: Annotated[
-        str, typer.Option(help="with --graphs: the transformer's row buckets")
+        str, typer.Option(help="with --units: the transformer passes' call buckets")
     ] = "1,2,4,8,16,32",
     count_steps: Annotated[
         int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
@@ -234,16 +233,15 @@ def bench(
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if graphs is not None and not dispatch:
+        if units is not None and not dispatch:
             from engine.eval.latency import units_table
 
             defaults = MODELS[models[0]].defaults
             params = replace(defaults, num_iter=steps or defaults.num_iter,
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = units_table(models[0], graphs, mode_list, sizes, params, device,
-                                       dtype, repeats, knobs, head_buckets,
-                                       pass_buckets)  # fmt: skip
+            report = units_table(models[0], units, mode_list, sizes, params, device, dtype,
+                                 repeats, knobs, head_buckets, pass_buckets)  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
 
@@ -258,7 +256,7 @@ def bench(
                 params = replace(defaults, num_iter=steps or defaults.num_iter,
                                  cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
                 report[name] = dispatch_table(name, mode_list, sizes, params, knobs, count_steps,
-                                              graphs is not None)  # fmt: skip
+                                              units is not None)  # fmt: skip
         else:
             from engine.eval.bench import bench as run_bench
 
@@ -272,11 +270,11 @@ def bench(
             )
             report = run_bench(
                 models[0], mode_list, batch, params, device, dtype, repeats, marche=knobs,
-                compile=compile, progress=_print_run,
+                progress=_print_run,
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
-    if graphs is not None and not dispatch:
+    if units is not None and not dispatch:
         _print_units(report)
     elif flops:
         _print_flops(report)
@@ -325,7 +323,7 @@ def _print_dispatch(report: dict) -> None:
     from engine.eval.dispatch import STEP_PHASES as steps
 
     for name, entry in report.items():
-        units = "; units as CUDA graphs: one call per replay" if entry.get("graphs") else ""
+        units = "; units as CUDA graphs: one call per replay" if entry.get("units") else ""
         table = Table("mode", "batch", "ops/step", *steps, "views/step", "syncs/step",
                       "replays/step", "VAE ops",
                       title=f"{name}: operator calls per AR step (first {entry['counted_steps']} "
@@ -345,7 +343,7 @@ def _print_units(report: dict) -> None:
         f"{u['memory_bytes'] / 2**20:.1f} MiB, {u['hits']} hits, {u['misses']} eager"
         for name, u in report["units"].items()
     )
-    table = Table("mode", "batch", "eager ms/step", f"{report['graphs']} ms/step", "speed-up",
+    table = Table("mode", "batch", "eager ms/step", f"{report['units_mode']} ms/step", "speed-up",
                   "max |token diff|",
                   title=f"{report['model']} on {report['device']} ({report['dtype']}), "
                   f"{report['steps']} steps, cfg {report['cfg']}, median of {report['repeats']}; "
@@ -369,7 +367,7 @@ def _print_timing(report: dict) -> None:
         title=(
             f"{report['model']} on {report['device']} ({report['dtype']}), batch "
             f"{report['batch']}, {report['steps']} steps, cfg {report['cfg']}, "
-            f"compile {report['compile']}, median of {report['repeats']}"
+            f"units {report['units']}, median of {report['repeats']}"
         ),
     )
     for name, r in report["modes"].items():

@@ -30,9 +30,6 @@ CachingOpt = Annotated[bool, typer.Option(help="MARché: include last step's tok
 ModeOpt = Annotated[
     str, typer.Option(help="decoding: mar (exact), marche (cache-aware), turbo (every cache)")
 ]
-CompileOpt = Annotated[
-    str, typer.Option(help="torch.compile the hot paths: off, default, reduce-overhead, ...")
-]
 
 
 def marche_config(budget, selection_layer, refresh_period, encoder, refresh, caching_tokens):

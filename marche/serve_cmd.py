@@ -24,11 +24,11 @@ def serve(
     max_batch_size: Annotated[int | None, typer.Option(help="images per batch")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="batch fill wait")] = None,
     queue_size: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
-    graphs: Annotated[
+    units: Annotated[
         str | None,
         typer.Option(
-            help="head and transformer as units per row bucket: auto (CUDA graphs where "
-            "faster), off, graphs, compile (inductor), static"
+            help="head and transformer passes as units per bucket: auto (CUDA graphs where "
+            "faster), off, cuda-graphs, compile (inductor), static"
         ),
     ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="run under Ray Serve")] = False,
@@ -72,7 +72,7 @@ def serve(
         "queue_size": queue_size,
         "router": router,
         "api_key": api_key,
-        "graphs": graphs,
+        "units": units,
     }
     # the environment is how settings reach Ray replicas too, so set it for both runtimes
     for name, value in overrides.items():

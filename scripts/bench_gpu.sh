@@ -4,7 +4,7 @@
 #   scripts/bench_gpu.sh latency [OUT_DIR]     (make bench-gpu; the default part)
 #     the GPU tests, then the latency floor (issue 24): every mode (mar, marche, turbo) at
 #     batch 1 on MAR-B/L/H and at batches 4 and 16 on MAR-B, eager vs the head and the
-#     transformer's full passes as CUDA graphs per row bucket (marche bench --graphs graphs),
+#     transformer's full passes as CUDA graphs per bucket (marche bench --units cuda-graphs),
 #     interleaved in one process per model;
 #   scripts/bench_gpu.sh throughput [OUT_DIR]  (make bench-gpu-throughput)
 #     every mode on MAR-B/L/H at batch 128 (the papers' setting).
@@ -31,7 +31,7 @@ units() {  # units NAME SECONDS ARGS...: eager vs CUDA graphs, JSON to $OUT/unit
   shift 2
   echo "== units $name"
   timeout "$seconds" $MARCHE bench --dtype bf16 --device cuda --modes mar,marche,turbo \
-    --graphs graphs --steps 16 --repeats 3 --json "$OUT/units_$name.json" "$@" \
+    --units cuda-graphs --steps 16 --repeats 3 --json "$OUT/units_$name.json" "$@" \
     || echo "units $name: failed or timed out"
 }
 
@@ -47,7 +47,7 @@ case "$PART" in
 latency)
   echo "== GPU tests"
   timeout 75 "$PY" -m pytest -q -m gpu tests/engine/test_cuda.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
-  # eager vs units (the head per (plan, row bucket), the transformer's full passes per (row,
+  # eager vs units (the head per (plan, token bucket), the transformer's passes per (call,
   # known-token bucket), as CUDA graphs), interleaved per mode and batch in one process;
   # capture time and memory are in the JSON and the table
   declare -A B1_S=([mar_base]=95 [mar_large]=105 [mar_huge]=120)

@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 
+def _units(report: dict) -> str:
+    """How the run's phases ran: `units` (older files: `compile`, the removed torch.compile
+    of the hot paths)."""
+    return report.get("units", report.get("compile", "off"))
+
+
 def main(out: Path) -> None:
     info = out / "device.txt"
     device = info.read_text().splitlines()[0] if info.exists() else "?"
@@ -17,7 +23,7 @@ def main(out: Path) -> None:
     if reports:
         lines += [
             "",
-            "| model | compile | batch | mode | s/image | encoder | decoder | head | VAE | vs mar "
+            "| model | units | batch | mode | s/image | encoder | decoder | head | VAE | vs mar "
             "| ms/step |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -29,7 +35,7 @@ def main(out: Path) -> None:
             steps = report.get("steps")  # AR steps per image: the latency per step
             per_step = "-" if not steps else f"{1000 * r['s_per_image'] / steps:.1f}"
             lines.append(
-                f"| {report['model']} | {report['compile']} | {report['batch']} | {mode} "
+                f"| {report['model']} | {_units(report)} | {report['batch']} | {mode} "
                 f"| {r['s_per_image']:.4f} | {ph['encoder']:.4f} | {ph['decoder']:.4f} "
                 f"| {ph['diffusion_head']:.4f} | {ph['vae']:.4f} "
                 f"| {'-' if speedup is None else f'{speedup:.2f}x'} | {per_step} |"

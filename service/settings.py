@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.decode.graphs import parse_buckets
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES
+from engine.decode.units.common import parse_buckets
 
 
 class ServiceSettings(BaseSettings):
@@ -24,13 +24,12 @@ class ServiceSettings(BaseSettings):
     random_weights: bool = False  # time official sizes without a checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
-    # the head and the transformer's full passes as units per row bucket: CUDA graphs, the
-    # head's loop through inductor, or eager; auto: CUDA graphs where they measure faster than
-    # eager, else eager (engine/decode/graphs.py)
-    graphs: Literal["off", "static", "compile", "graphs", "auto"] = "auto"
-    head_buckets: str = Field("1,2,4,8,16,32,64,128,256", description="head rows per unit")
-    pass_buckets: str = Field("1,2,4,8,16,32", description="transformer rows per unit")
+    # the head and the transformer's passes as units per bucket: CUDA graphs, inductor, or
+    # eager; auto: CUDA graphs where they measure faster than eager, else eager
+    # (engine/decode/units/)
+    units: Literal["off", "static", "compile", "cuda-graphs", "auto"] = "auto"
+    head_buckets: str = Field("1,2,4,8,16,32,64,128,256", description="head tokens per unit")
+    pass_buckets: str = Field("1,2,4,8,16,32", description="transformer calls per unit")
     torch_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
 
     # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;

@@ -116,3 +116,18 @@ def test_ray_is_imported_only_in_the_ray_runtime():
         if any(t == "ray" or t.startswith("ray.") for t in imports(p))
     }
     assert {p for p in users if p.parts[:2] != ("service", "ray_serve")} == set()
+
+
+def test_decode_passes_and_units_are_mirrored_twins():
+    """Every eager pass (engine/decode/passes/X.py) has its units in units/X.py, file for file
+    (units/ adds only build.py: building and the auto measurement); passes never import
+    units (the step engine chooses between them)."""
+    decode = ROOT / "engine" / "decode"
+    passes = {p.name for p in (decode / "passes").glob("*.py")}
+    units = {p.name for p in (decode / "units").glob("*.py")}
+    assert passes == units - {"build.py"}, (passes, units)
+    for path in (decode / "passes").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("engine.decode.units"), (path, node.module)

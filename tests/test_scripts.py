@@ -22,7 +22,7 @@ def _mode(name: str, s_per_image: float) -> dict:
 # re-measured files in docs/results/ cannot change this test)
 REPORT = {
     "model": "mar_base",
-    "compile": "off",
+    "units": "off",
     "batch": 128,
     "steps": 64,
     "modes": {m: _mode(m, s) for m, s in [("mar", 0.2), ("marche", 0.1), ("turbo", 0.05)]},
@@ -54,7 +54,7 @@ def test_bench_gpu_timeouts_fit_in_nine_minutes():
 UNITS = {
     "model": "mar_base",
     "units": {"head": {"built": 18, "build_seconds": 2.5, "memory_bytes": 3 * 2**20},
-              "transformer": {"built": 96, "build_seconds": 4.0, "memory_bytes": 2**20}},
+              "full": {"built": 96, "build_seconds": 4.0, "memory_bytes": 2**20}},
     "rows": [{"mode": "mar", "batch": 1, "eager_ms_per_step": 40.0, "units_ms_per_step": 4.0,
               "speedup": 10.0, "max_token_diff": 0.002}],
 }  # fmt: skip
@@ -64,10 +64,10 @@ def test_gpu_table_renders_a_units_report(tmp_path):
     (tmp_path / "units_mar_base_b1.json").write_text(json.dumps(UNITS))
     out = subprocess.run([sys.executable, str(GPU_TABLE), str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
-    assert "| model | compile |" not in out  # no empty throughput table
+    assert "| model | units |" not in out  # no empty throughput table
     row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 1 | mar")]
     assert row == ["| mar_base | 1 | mar | 40.0 | 4.0 | 10.00x | 2.0e-03 | head 18 (2.5 s, 3 MiB), "
-                   "transformer 96 (4.0 s, 1 MiB) |"]  # fmt: skip
+                   "full 96 (4.0 s, 1 MiB) |"]  # fmt: skip
 
 
 def test_gpu_table_renders_a_bench_report(tmp_path):

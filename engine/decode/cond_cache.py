@@ -34,5 +34,6 @@ class CondCacheConfig:
         if self.refresh_period < 1 or self.warmup < 1:
             raise ValueError("refresh_period and warmup must be >= 1")
 
-    def full(self, call: int) -> bool:
-        return call < self.warmup or call % self.refresh_period == 0
+    def both_halves(self, step: int) -> bool:
+        """Whether the row's `step`-th step (0-based) runs both CFG halves."""
+        return step < self.warmup or step % self.refresh_period == 0

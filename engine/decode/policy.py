@@ -11,7 +11,7 @@ for:
   (the combination measured best on FLOPs at bounded quality: docs/ENGINE.md, "Turbo").
 
 `make_policy` wraps a config with what a run through it records (active-token fractions,
-condition-cache skips) and the head sampler it calls (the FLOP counter swaps it).
+condition-cache skips).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from engine.decode.cond_cache import CondCacheConfig
-from engine.decode.head import HeadConfig, HeadSampler
+from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
 
 
@@ -59,7 +59,6 @@ class DecodePolicy:
 
     def __init__(self, config: DecodeConfig, name: str = "") -> None:
         self.config, self.name = config, name
-        self.sample_head: HeadSampler | None = None  # None: the engine's head sampler
         self.stats: list[float] = []  # mean active-token fraction of each step (1.0: full)
         self.lazy_steps = 0  # steps the condition cache ran the conditional half alone
 

@@ -1,13 +1,14 @@
-"""Per-row decode state that lives on the device: a pool of slots allocated once.
+"""Per-image decode state that lives on the device: a pool of slots allocated once.
 
 Every image in flight owns one slot from admission to retirement (vLLM's KV-cache idea, one
-block per image). A slot holds the image's tokens and generation order and, for each CFG half
-("twin"), MARché's encoder and decoder K/V caches, the encoder output cache, and the
-condition cache's h_uncond - h_cond. Pool row `slot` is the conditional twin, `slot + capacity` the
-unconditional one; one more pool row, `scratch`, takes the writes of a padded pass's pad rows
-(`pass_graphs`, `lazy_graphs`) and is never read. Buffers are allocated at their first use
-(in the dtype autocast gives their contents) at full capacity and never grow; a released
-slot is reused as it is (every reader is bounded by lengths the new owner writes first).
+block per image). A slot holds the image's tokens, its generation order and the condition
+cache's h_uncond - h_cond and, for each CFG half, a *cache row*: MARché's encoder and decoder
+K/V caches and the encoder output cache. Cache row `slot` is the conditional half's,
+`slot + capacity` the unconditional one's; one more cache row, `scratch`, takes the writes of
+a padded unit's pad rows (`units/full.py`, `units/lazy.py`) and is never read. Buffers are
+allocated at their first use (in the dtype autocast gives their contents) at full capacity
+and never grow; a released slot is reused as it is (every reader is bounded by lengths the
+new owner writes first).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ class PoolFull(Exception):
 
 class SlotPool:
     def __init__(self, model: MAR, capacity: int, device: torch.device | str) -> None:
-        cfg = model.cfg
+        config = model.config
         self.capacity, self.device = capacity, torch.device(device)
-        self.num_slots = cfg.buffer_size + cfg.seq_len  # token slots per pool row
-        self.tokens = torch.zeros(capacity, cfg.seq_len, cfg.token_embed_dim, device=device)
-        self.orders = torch.zeros(capacity, cfg.seq_len, dtype=torch.long, device=device)
-        self.enc_len = [0] * (2 * capacity)  # filled slots of each pool row's encoder cache
-        self.scratch = 2 * capacity  # the pool row pad rows write to
+        self.num_slots = config.buffer_size + config.seq_len  # token slots per cache row
+        self.tokens = torch.zeros(capacity, config.seq_len, config.token_embed_dim, device=device)
+        self.orders = torch.zeros(capacity, config.seq_len, dtype=torch.long, device=device)
+        self.enc_len = [0] * (2 * capacity)  # filled slots of each cache row's encoder cache
+        self.scratch = 2 * capacity  # the cache row pad rows write to
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self._buffers: dict[str, Tensor] = {}
 
@@ -50,17 +51,17 @@ class SlotPool:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def twin(self, slot: int, half: int) -> int:
-        """Pool row of a slot's conditional (half 0) or unconditional (half 1) twin."""
+    def cache_row(self, slot: int, half: int) -> int:
+        """The cache row of a slot's conditional (half 0) or unconditional (half 1) half."""
         return slot + half * self.capacity
 
-    def rows(self, pool_rows: Sequence[int]) -> Rows:
-        """An index for these pool rows: a slice when contiguous (a view, no copy, no host
+    def index(self, cache_rows: Sequence[int]) -> Rows:
+        """An index for these cache rows: a slice when contiguous (a view, no copy, no host
         transfer), else an index tensor on the device."""
-        first = pool_rows[0]
-        if list(pool_rows) == list(range(first, first + len(pool_rows))):
-            return slice(first, first + len(pool_rows))
-        return to_device(list(pool_rows), self.device)
+        first = cache_rows[0]
+        if list(cache_rows) == list(range(first, first + len(cache_rows))):
+            return slice(first, first + len(cache_rows))
+        return to_device(list(cache_rows), self.device)
 
     # -- buffers (allocated once, at first use) --------------------------------------------------
 
@@ -76,7 +77,7 @@ class SlotPool:
         )
 
     def enc_out(self, like: Tensor) -> Tensor:
-        """Encoder outputs of every pool row: (2 cap + 1, N, D_enc)."""
+        """Encoder outputs of every cache row: (2 cap + 1, N, D_enc)."""
         return self._buffer(
             "enc_out", (2 * self.capacity + 1, self.num_slots, like.shape[-1]), like.dtype
         )

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.decode import head as head_sampling
-from engine.decode.head import HeadSampler
 from engine.decode.policy import DecodePolicy, make_policy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
 from engine.decode.step import StepEngine
-from engine.decode.transformer import PassUnits
+from engine.decode.units.common import DecodeUnits
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
 
@@ -47,15 +45,13 @@ def sample_tokens(
     policy: DecodePolicy | None = None,
     on_step: Callable[[StepInfo], Sequence[bool] | None] | None = None,
     timer: PhaseTimer | NullTimer = NULL_TIMER,
-    sample_head: HeadSampler = head_sampling.sample,
-    pass_units: PassUnits | None = None,
+    units: DecodeUnits | None = None,
 ) -> Tensor:
     """Generate tokens (B, L, C) for class labels (B,), one SamplingParams and one
     randomness per row.
 
     Rows share `num_iter`; cfg, cfg_schedule and temperature may differ per row (a row is
-    guided when its cfg != 1). `sample_head` runs the head (`policy.sample_head`, when set,
-    overrides it) and `pass_units` the transformer's full passes (see `StepEngine`).
+    guided when its cfg != 1). `units`: the phases that run as units (see `StepEngine`).
 
     `on_step` may return a keep-mask over the current rows (host booleans, e.g. requests whose
     client went away): dropped rows leave the batch before the next step and are absent from
@@ -66,21 +62,21 @@ def sample_tokens(
     num_iter = params[0].num_iter
     if any(p.num_iter != num_iter for p in params):
         raise ValueError("rows batched together must share num_iter")
-    engine = StepEngine(model, len(labels), sample_head=sample_head, pass_units=pass_units)
+    engine = StepEngine(model, len(labels), units=units)
     rows = [
         engine.admit(labels[i], p, policy.config, r)
         for i, (p, r) in enumerate(zip(params, randomness, strict=True))
     ]
     while rows and not rows[0].finished:
         lazy_before = sum(r.lazy_cond_steps for r in rows)
-        engine.step(rows, policy.sample_head, timer)
+        engine.step(rows, timer)
         policy.stats.append(sum(r.active[-1] for r in rows) / len(rows))
         policy.lazy_steps += sum(r.lazy_cond_steps for r in rows) > lazy_before
         if on_step is None:
             continue
-        step = rows[0].plan[rows[0].done - 1]
+        step = rows[0].steps[rows[0].done - 1]
         info = StepInfo(
-            step.index, num_iter, rows[0].tokens_done, model.cfg.seq_len, engine.tokens(rows)
+            step.index, num_iter, rows[0].tokens_done, model.config.seq_len, engine.tokens(rows)
         )
         keep = on_step(info)
         if keep is not None and not all(keep):  # retire rows between steps

@@ -4,16 +4,20 @@ The engine under both the batch sampler (`sampler.sample_tokens`: every row at t
 step) and the worker's continuous batching (rows join and leave at every step boundary).
 Each image is a `Row`: its parameters, its decoding config, its randomness, how far it has
 got, and a slot in the `SlotPool` that holds its tokens and caches from admission to
-release. `StepEngine.step(rows)` advances every row by one AR step of its own plan:
+release. `StepEngine.step(rows)` advances every row by one AR step of its own run:
 
 1. schedule: each row's step (known and predicted positions), whether its transformer step
-   is full (MARché refresh phase, the condition cache's phase), and which CFG halves run;
-2. execute: one full transformer pass for every row on a full step (any mix of modes and
+   is full (MARché refresh phase, the condition cache's phase), and which CFG halves run,
+   as one `Call` per half;
+2. execute: one full transformer pass for every call on a full step (any mix of modes and
    steps: known tokens padded and masked), one lazy MARché pass per MARché config, the
    condition cache's h_uncond = h_cond + diff for rows that skipped their unconditional half,
    then the head over the flat set of predicted tokens, one call per head plan (rows whose
-   head schedules agree at this step share it), with per-token cfg and temperature;
-3. update: the sampled tokens go into each row's slot; each row moves on.
+   head schedules agree at this step share it), with per-token cfg and temperature. Each
+   phase runs as a unit or eager, chosen in one place (`units.common.run_phase`); the eager
+   passes are in `passes/`, their units in `units/`, and both return what they computed;
+3. update: the passes' encoder lengths and the sampled tokens go into the pool; each row
+   moves on.
 
 Nothing a row computes depends on the other rows: attention is per row (padding is masked),
 the head is per token, and each row draws from its own randomness.
@@ -27,15 +31,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.decode import head as head_sampling
-from engine.decode.head import HeadPolicy, HeadSampler
-from engine.decode.marche import lazy_pass
+from engine.decode.head import HeadPolicy
+from engine.decode.passes import head as head_pass
+from engine.decode.passes.common import Call, PassOutput
+from engine.decode.passes.full import full_pass
+from engine.decode.passes.lazy import lazy_pass
 from engine.decode.policy import DecodeConfig
 from engine.decode.pool import SlotPool
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
 from engine.decode.schedules import Step, cfg_scale, step_plan
-from engine.decode.transformer import Call, PassUnits, full_pass
+from engine.decode.units.common import DecodeUnits, run_phase
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
 
@@ -50,8 +56,8 @@ class Row:
     randomness: RowRandomness
     slot: int  # its slot in the pool
     order: Tensor  # (L,) generation order; the tail is generated first
-    plan: list[Step]  # the steps of its run that predict tokens
-    cfg_scales: Tensor  # (len(plan),) guidance scale of each of those steps, on the device
+    steps: list[Step]  # the steps of its run that predict tokens
+    cfg_scales: Tensor  # (len(steps),) guidance scale of each of those steps, on the device
     temperature: Tensor  # (1,)
     head: HeadPolicy
     done: int = 0  # steps taken
@@ -66,26 +72,34 @@ class Row:
 
     @property
     def finished(self) -> bool:
-        return self.done == len(self.plan)
+        return self.done == len(self.steps)
 
     @property
     def tokens_done(self) -> int:
         if self.done == 0:
             return 0
-        last = self.plan[self.done - 1]
+        last = self.steps[self.done - 1]
         return len(self.order) - last.unknown_before + last.num_pred
 
 
 @dataclass(eq=False)
 class _RowStep:
-    """What one row does in this step."""
+    """What one row does in this step, and what its passes computed per CFG half."""
 
     row: Row
     step: Step
     pred: Tensor  # (k,) positions predicted
     full: bool  # full transformer step (caches refilled)
     calls: list[Call]  # [conditional] or [conditional, unconditional]
-    h: tuple[Tensor, ...] = ()  # (k, D) hidden states per CFG half, before decoder_norm
+    h: list = field(init=False)  # per half: (k, D) before decoder_norm
+    h_all: list = field(init=False)  # per half, full steps: (L, D)
+    active: list = field(init=False)  # per half: share of the tokens in the late layers
+
+    def __post_init__(self) -> None:
+        self.h, self.h_all, self.active = ([None] * len(self.calls) for _ in range(3))
+
+
+Entries = list[tuple[_RowStep, int]]  # a pass's calls as (row step, CFG half)
 
 
 class StepEngine:
@@ -96,15 +110,12 @@ class StepEngine:
         model: MAR,
         capacity: int,
         device: torch.device | str | None = None,
-        sample_head: HeadSampler = head_sampling.sample,
-        pass_units: PassUnits | None = None,
+        units: DecodeUnits | None = None,
     ) -> None:
-        """`sample_head`: how the head runs (eager, or `head_graphs.HeadGraphs`);
-        `pass_units`: transformer passes as units (`pass_graphs.PassGraphs`: full ones, and
-        MARché's lazy ones by its `lazy`; None: eager)."""
+        """`units`: the phases that run as units (`units.build.build_units`); None: eager."""
         self.model = model
         self.pool = SlotPool(model, capacity, device or model.class_emb.weight.device)
-        self.sample_head, self.pass_units = sample_head, pass_units
+        self.units = units or DecodeUnits()
 
     @property
     def free_slots(self) -> int:
@@ -114,9 +125,9 @@ class StepEngine:
         self, label: int | Tensor, params: SamplingParams, config: DecodeConfig, randomness
     ) -> Row:
         """A new row at step 0 in a free slot (raises `PoolFull` when there is none)."""
-        seq_len, device = self.model.cfg.seq_len, self.pool.device
-        plan = [s for s in step_plan(params.num_iter, seq_len) if s.num_pred > 0]
-        scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in plan]
+        seq_len, device = self.model.config.seq_len, self.pool.device
+        steps = [s for s in step_plan(params.num_iter, seq_len) if s.num_pred > 0]
+        scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in steps]
         order = randomness.order().to(device)  # drawn first, as upstream does
         slot = self.pool.acquire()
         self.pool.tokens[slot].zero_()
@@ -128,7 +139,7 @@ class StepEngine:
             randomness=randomness,
             slot=slot,
             order=order,
-            plan=plan,
+            steps=steps,
             cfg_scales=torch.tensor(scales, dtype=torch.float32, device=device),
             temperature=torch.full((1,), float(params.temperature), device=device),
             head=HeadPolicy(config.head),
@@ -147,47 +158,53 @@ class StepEngine:
         return torch.stack([self.pool.tokens[r.slot] for r in rows])
 
     @torch.no_grad()
-    def step(
-        self,
-        rows: Sequence[Row],
-        sample_head: HeadSampler | None = None,
-        timer: PhaseTimer | NullTimer = NULL_TIMER,
-    ) -> None:
-        """Advance every (unfinished) row by one step of its own plan (`sample_head`: this
-        step's head sampler instead of the engine's)."""
+    def step(self, rows: Sequence[Row], timer: PhaseTimer | NullTimer = NULL_TIMER) -> None:
+        """Advance every (unfinished) row by one step of its own run."""
+        model, pool, units = self.model, self.pool, self.units
         # 1. schedule
         work = [self._schedule(row) for row in rows]
-        full: list[Call] = []
-        lazy: dict = {}  # MarcheConfig -> its rows' calls
+        full: Entries = []
+        lazy: dict = {}  # MarcheConfig -> its calls' entries
         for half in (0, 1):  # conditional calls first in every pass
             for w in work:
                 if half < len(w.calls):
                     group = full if w.full else lazy.setdefault(w.row.config.marche, [])
-                    group.append(w.calls[half])
+                    group.append((w, half))
         # 2. execute
         if full:
-            full_pass(self.model, self.pool, full, timer, self.pass_units)
-        lazy_units = self.pass_units.lazy if self.pass_units is not None else None
-        for config, calls in lazy.items():
-            lazy_pass(self.model, self.pool, config, calls, timer, lazy_units)
-        for w in work:
-            w.h = self._guidance(w)
+            calls = [w.calls[half] for w, half in full]
+            self._record(full, run_phase(units.full, full_pass, model, pool, calls, timer))
+        for config, entries in lazy.items():
+            calls = [w.calls[half] for w, half in entries]
+            out = run_phase(units.lazy, lazy_pass, model, pool, config, calls, timer)
+            self._record(entries, out)
+        guidance = [self._guidance(w) for w in work]
         with timer.phase("diffusion_head"):
-            self._head(work, sample_head or self.sample_head)
+            self._head(work, guidance)
         # 3. update
         for w in work:
             w.row.prev_pred = w.pred
             w.row.done += 1
-            w.row.active.append(sum(c.active for c in w.calls) / len(w.calls))
+            w.row.active.append(sum(w.active) / len(w.active))
+
+    def _record(self, entries: Entries, out: PassOutput) -> None:
+        """A pass's outputs into its calls' row steps, and its encoder lengths into the pool
+        (the one place they change)."""
+        for j, ((w, half), h, active) in enumerate(zip(entries, out.h, out.active, strict=True)):
+            w.h[half], w.active[half] = h, active
+            if out.h_all is not None:
+                w.h_all[half] = out.h_all[j]
+            if out.enc_len is not None:
+                self.pool.enc_len[w.calls[half].cache_row] = out.enc_len[j]
 
     def _schedule(self, row: Row) -> _RowStep:
         if row.finished:
-            raise ValueError("row has finished its plan")
-        s = row.plan[row.done]
+            raise ValueError("row has finished its steps")
+        s = row.steps[row.done]
         known = row.order[s.unknown_before :].flip(0)  # (n,) oldest first
         pred = row.order[s.unknown_before - s.num_pred : s.unknown_before]  # (k,)
         cond_cache = row.config.cond_cache if row.guided else None
-        both = row.guided and (cond_cache is None or cond_cache.full(row.done))
+        both = row.guided and (cond_cache is None or cond_cache.both_halves(row.done))
         marche = row.config.marche
         full = (
             marche is None
@@ -198,7 +215,7 @@ class StepEngine:
         calls = [
             Call(
                 slot=row.slot,
-                pool_row=self.pool.twin(row.slot, half),
+                cache_row=self.pool.cache_row(row.slot, half),
                 label=row.label if half == 0 else None,
                 known=known,
                 pred=pred,
@@ -214,32 +231,31 @@ class StepEngine:
     def _guidance(self, w: _RowStep) -> tuple[Tensor, ...]:
         """(h_cond,) or (h_cond, h_uncond) at the predicted positions; the condition cache
         stores h_uncond - h_cond on its full steps and stands in for h_uncond on the others."""
-        cond = w.calls[0]
         if not w.row.guided:
-            return (cond.h,)
+            return (w.h[0],)
         if len(w.calls) == 2:
-            uncond = w.calls[1]
             if w.row.config.cond_cache is not None:
-                self.pool.diff(uncond.h_all)[w.row.slot] = uncond.h_all - cond.h_all
-            return cond.h, uncond.h
+                self.pool.diff(w.h_all[1])[w.row.slot] = w.h_all[1] - w.h_all[0]
+            return w.h[0], w.h[1]
         w.row.lazy_cond_steps += 1
-        diff = self.pool.diff(cond.h)[w.row.slot]  # (L, D)
-        return cond.h, cond.h + diff[w.pred]
+        diff = self.pool.diff(w.h[0])[w.row.slot]  # (L, D)
+        return w.h[0], w.h[0] + diff[w.pred]
 
-    def _head(self, work: list[_RowStep], sample_head: HeadSampler) -> None:
+    def _head(self, work: list[_RowStep], guidance: list[tuple[Tensor, ...]]) -> None:
         """Sample every predicted token, one head call per (head plan, guided) group."""
         model, pool = self.model, self.pool
-        seq_len = model.cfg.seq_len
+        seq_len = model.config.seq_len
         groups: dict[tuple, tuple] = {}
-        for w in work:
+        for w, h in zip(work, guidance, strict=True):
             plan = w.row.head.plan(model.diffloss, w.step.index, w.row.params.num_iter)
-            groups.setdefault((plan.key, w.row.guided), (plan, []))[1].append(w)
-        for (_, guided), (plan, ws) in groups.items():
+            groups.setdefault((plan.key, w.row.guided), (plan, []))[1].append((w, h))
+        for (_, guided), (plan, group) in groups.items():
+            ws = [w for w, _ in group]
             pos = torch.cat([w.pred for w in ws])[None]  # (1, K) every token of the group
             halves = (0, 1) if guided else (0,)
             z = torch.cat(  # (K, D), or (2K, D) = [cond; uncond]
                 [
-                    model.decoder_output_at(torch.cat([w.h[i] for w in ws])[None], pos)[0]
+                    model.decoder_output_at(torch.cat([h[i] for _, h in group])[None], pos)[0]
                     for i in halves
                 ]
             )
@@ -251,9 +267,8 @@ class StepEngine:
             if guided:
                 cfg = torch.cat([w.row.cfg_scales[w.row.done].expand(len(w.pred)) for w in ws])
                 cfg = cfg[:, None]  # (K, 1)
-            x0 = sample_head(
-                model.diffloss, plan, z, x_T, step_noise, temperature[:, None], cfg
-            )  # (K, C)
+            x0 = run_phase(self.units.head, head_pass.sample, model.diffloss, plan, z, x_T,
+                           step_noise, temperature[:, None], cfg)  # fmt: skip
             flat = torch.cat([w.row.slot * seq_len + w.pred for w in ws])
             tokens = pool.tokens.view(-1, pool.tokens.shape[-1])
             tokens.index_copy_(0, flat, x0.to(tokens.dtype))

@@ -109,8 +109,8 @@ def warm_up(
     for mode in modes:
         policy = make_policy(mode, marche)
         pipe.generate_tokens(classes, list(range(batch)), params, policy, on_step=stop)
-    cfg = pipe.model.cfg
-    pipe.decode(torch.zeros(batch, cfg.seq_len, cfg.token_embed_dim, device=pipe.device))
+    config = pipe.model.config
+    pipe.decode(torch.zeros(batch, config.seq_len, config.token_embed_dim, device=pipe.device))
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
 
@@ -125,7 +125,7 @@ def bench(
     repeats: int = 1,
     warmup_steps: int = 2,
     marche: MarcheConfig | None = None,
-    compile: str = "off",
+    units: str = "off",
     progress: Callable[[str, int, float, dict[str, float]], None] | None = None,
 ) -> dict:
     """Time every mode on the same classes, seeds and settings. Timed runs interleave the
@@ -134,13 +134,13 @@ def bench(
     each timed run as it ends, with that run's seconds per phase, so a run stopped part-way
     (a batch-16 table on a CPU takes hours) still leaves per-phase numbers."""
     pipe = Pipeline.load(
-        model, device=device, dtype=dtype, random_weights=model != "digits", compile=compile
+        model, device=device, dtype=dtype, random_weights=model != "digits", units=units
     )
     params = params or pipe.spec.defaults
     # Warm-up: kernels, allocator and caches, on the first steps of a real run of each mode.
-    # Compiled graphs are specialised to each step's row count, so with --compile it is a
-    # full run.
-    warm_up(pipe, modes, batch, params, marche, None if compile != "off" else warmup_steps)
+    # Units are built per shape on first use (annealed head plans, the step engine's pool),
+    # so with units it is a full run.
+    warm_up(pipe, modes, batch, params, marche, None if units != "off" else warmup_steps)
     phases: dict[str, dict[str, float]] = {m: dict.fromkeys(PHASES, 0.0) for m in modes}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     fractions: dict[str, list[float]] = {m: [] for m in modes}
@@ -174,7 +174,7 @@ def bench(
         "steps": params.num_iter,
         "cfg": params.cfg,
         "repeats": repeats,
-        "compile": compile,
+        "units": units,
         "marche": (marche or MarcheConfig()).__dict__,
         "modes": {m: r.to_dict() for m, r in results.items()},
     }

@@ -13,10 +13,11 @@ still cost a CPU dispatch: they are counted apart. Ops that would make a GPU wai
 run: the first also builds what later runs reuse (schedule tensors, caches). From then on the
 count is deterministic, so a few steps of a random-weight model suffice.
 
-With `graphs`, the head and the transformer's passes (full ones and MARché's lazy ones) run as
-units (`graphs.py`, "static" mode) and each unit run counts as one call ("replays"), the ops
-inside it not at all: what a step launches on a GPU under CUDA graphs (the glue between
-units, the copies into their buffers, one launch per replay), counted without a GPU.
+With `units`, the head and the transformer's passes (full ones and MARché's lazy ones) run
+as units (`engine/decode/units/`, "static" mode) and each unit run counts as one call
+("replays"), the ops inside it not at all: what a step launches on a GPU under CUDA graphs
+(the glue between units, the copies into their buffers, one launch per replay), counted
+without a GPU.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from torch.utils._python_dispatch import (
     _get_current_dispatch_mode,
 )
 
-from engine.decode.graphs import Units
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import make_policy
+from engine.decode.units.common import Units
 from engine.eval.bench import admit_images
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
@@ -119,7 +120,7 @@ def count_run(
         with counter.phase("admit"):
             rows = admit_images(pipe, engine, batch, params, config)
         with pipe.autocast(), counter.phase("glue"):
-            for _ in range(min(steps or params.num_iter, len(rows[0].plan))):
+            for _ in range(min(steps or params.num_iter, len(rows[0].steps))):
                 engine.step(rows, timer=counter)
         with counter.phase("vae"):
             pipe.decode(engine.tokens(rows))
@@ -133,21 +134,21 @@ def dispatch_table(
     params: SamplingParams | None = None,
     marche: MarcheConfig | None = None,
     count_steps: int | None = None,
-    graphs: bool = False,
+    units: bool = False,
 ) -> dict:
     """Per mode and batch: operator calls per AR step (each phase but the VAE, which runs once
     per image batch and is reported per run), views and allocations, would-be syncs; averaged
-    over the run's first `count_steps` steps (all when None). `graphs`: units count as one
+    over the run's first `count_steps` steps (all when None). `units`: units count as one
     call each (module docstring)."""
     pipe = Pipeline.load(model, device="cpu", dtype="fp32", random_weights=model != "digits")
     params = params or pipe.spec.defaults
-    with units_as_replays() if graphs else contextlib.nullcontext():
-        if graphs:
-            pipe.use_graphs("static")
-        return _table(pipe, model, modes, batches, params, marche, count_steps, graphs)
+    with units_as_replays() if units else contextlib.nullcontext():
+        if units:
+            pipe.use_units("static")
+        return _table(pipe, model, modes, batches, params, marche, count_steps, units)
 
 
-def _table(pipe, model, modes, batches, params, marche, count_steps, graphs) -> dict:
+def _table(pipe, model, modes, batches, params, marche, count_steps, units) -> dict:
     steps = min(count_steps or params.num_iter, params.num_iter)
     rows = []
     for batch in batches:
@@ -167,4 +168,4 @@ def _table(pipe, model, modes, batches, params, marche, count_steps, graphs) -> 
                 "admit_ops": c.ops["admit"],  # per run: orders, slots, schedules
             })  # fmt: skip
     return {"model": model, "steps": params.num_iter, "counted_steps": steps, "cfg": params.cfg,
-            "graphs": graphs, "rows": rows}  # fmt: skip
+            "units": units, "rows": rows}  # fmt: skip

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.decode import head as head_sampling
 from engine.decode.head import HeadPlan
 from engine.decode.marche import MarcheConfig
+from engine.decode.passes import head as head_pass
 from engine.decode.policy import DecodeConfig, make_policy
 from engine.decode.sampler import sample_tokens
+from engine.decode.units.common import DecodeUnits, UnitStats
 from engine.model.config import SamplingParams
 from engine.model.diffloss import DiffLoss
 from engine.model.mar import MAR
@@ -61,23 +62,27 @@ class FlopTimer:
 
 
 class CountingHead:
-    """Stands in for the head sampler: the head's FLOPs depend only on the call's shapes (rows,
-    guidance, the step's head plan), so each distinct signature runs (and is counted by the
-    phase's counter) once; repeats add that count without running the 10^4 small ops again.
-    Nothing is estimated: every number is a count of a call that ran."""
+    """Stands in for the head's units (the `Unit` protocol, serving every call): the head's
+    FLOPs depend only on the call's shapes (rows, guidance, the step's head plan), so each
+    distinct signature runs the eager pass (and is counted by the phase's counter) once;
+    repeats add that count without running the 10^4 small ops again. Nothing is estimated:
+    every number is a count of a call that ran."""
 
-    def __init__(self, sample, timer: FlopTimer) -> None:
-        self.inner, self.timer = sample, timer
+    def __init__(self, timer: FlopTimer) -> None:
+        self.timer, self.stats = timer, UnitStats("counting", (1,))
         self.memo: dict[tuple, int] = {}
 
-    def __call__(self, head: DiffLoss, plan: HeadPlan, z: Tensor, x_T: Tensor, *rest) -> Tensor:
+    def can_run(self, *args) -> bool:
+        return True
+
+    def run(self, head: DiffLoss, plan: HeadPlan, z: Tensor, x_T: Tensor, *rest) -> Tensor:
         num_t = plan.schedule.num_timesteps
-        key = (tuple(z.shape), tuple(x_T.shape), rest[-1] is None, num_t, plan.full)
+        key = (tuple(z.shape), tuple(x_T.shape), rest[-1] is None, num_t, plan.mlp_steps)
         if key in self.memo:
             self.timer.flops["diffusion_head"] += self.memo[key]
             return torch.zeros_like(x_T)
         with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-            out = self.inner(head, plan, z, x_T, *rest)
+            out = head_pass.sample(head, plan, z, x_T, *rest)
         self.memo[key] = counter.get_total_flops()
         return out
 
@@ -100,12 +105,12 @@ class ShapeOnlyRandomness:
 
 def build(name: str, device: str = "meta") -> tuple[MAR, Tokenizer]:
     """A model and tokenizer of `name`'s shapes (untrained weights; none at all on meta)."""
-    cfg = MODELS[name].config
+    config = MODELS[name].config
     with torch.device(device):
-        model = MAR(cfg).eval()
-        if cfg.tokenizer == "pixels":
-            return model, PixelTokenizer(cfg)
-        return model, KL16Tokenizer(cfg, AutoencoderKL(KL16).eval())
+        model = MAR(config).eval()
+        if config.tokenizer == "pixels":
+            return model, PixelTokenizer(config)
+        return model, KL16Tokenizer(config, AutoencoderKL(KL16).eval())
 
 
 @torch.no_grad()
@@ -119,14 +124,17 @@ def count(
 ) -> dict[str, float]:
     """FLOPs per image per phase of one generation of `batch` images in `mode`."""
     device = model.class_emb.weight.device
-    cfg = model.cfg
+    config = model.config
     timer = FlopTimer()
     steps = model.diffloss.gen_schedule.num_timesteps
-    randomness = [ShapeOnlyRandomness(cfg.seq_len, cfg.token_embed_dim, steps, device)] * batch
+    randomness = [
+        ShapeOnlyRandomness(config.seq_len, config.token_embed_dim, steps, device)
+    ] * batch
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     policy = make_policy(mode, marche)
-    policy.sample_head = CountingHead(head_sampling.sample, timer)  # eager: every op counted
-    tokens = sample_tokens(model, labels, [params] * batch, randomness, policy, timer=timer)
+    units = DecodeUnits(head=CountingHead(timer))  # the eager head: every op counted
+    tokens = sample_tokens(model, labels, [params] * batch, randomness, policy, timer=timer,
+                           units=units)  # fmt: skip
     with timer.phase("vae"):
         tokenizer.decode(tokens)
     per_image = {p: timer.flops.get(p, 0) / batch for p in PHASES}

@@ -1,5 +1,5 @@
-"""`marche bench --graphs MODE`: eager vs the diffusion head and the transformer's passes
-(full, and MARché's lazy ones) as units per bucket (`engine/decode/graphs.py`), per mode and
+"""`marche bench --units MODE`: eager vs the diffusion head and the transformer's passes
+(full, and MARché's lazy ones) as units per bucket (`engine/decode/units/`), per mode and
 batch, interleaved in one process.
 
 Both runners share the pipeline (same weights, same seeds); each round times every (mode,
@@ -19,12 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.decode.graphs import timed
-from engine.decode.head_graphs import HEAD_BUCKETS
 from engine.decode.marche import MarcheConfig
-from engine.decode.pass_graphs import PASS_BUCKETS
 from engine.decode.policy import make_policy
 from engine.decode.step import StepEngine
+from engine.decode.units.common import DecodeUnits, timed
+from engine.decode.units.full import PASS_BUCKETS
+from engine.decode.units.head import HEAD_BUCKETS
 from engine.eval.bench import admit_images, device_name
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
@@ -65,11 +65,11 @@ def units_table(
     """Eager vs `units_mode` units on `model` (random weights unless digits)."""
     pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
     started = time.perf_counter()
-    pipe.use_graphs(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,))
+    pipe.use_units(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,))
     build_s = time.perf_counter() - started
-    if pipe.head_graphs is None and pipe.pass_graphs is None:
-        raise ValueError(f"--graphs {units_mode} builds nothing on {pipe.device}")
-    runners = {"eager": (None, None), units_mode: (pipe.head_graphs, pipe.pass_graphs)}
+    if not any(pipe.units.families().values()):
+        raise ValueError(f"--units {units_mode} builds nothing on {pipe.device}")
+    runners = {"eager": DecodeUnits(), units_mode: pipe.units}
     times: dict[tuple, list[float]] = {}
     diffs: dict[tuple, float] = {}
     engines: dict[tuple, StepEngine] = {}  # (runner, batch): one pool each, as a server has
@@ -77,8 +77,8 @@ def units_table(
         for mode in modes:
             for batch in batches:
                 tokens = {}
-                for name, (head_units, pass_units) in runners.items():
-                    pipe.head_graphs, pipe.pass_graphs = head_units, pass_units
+                for name, units in runners.items():
+                    pipe.units = units
                     if (name, batch) not in engines:
                         engines[(name, batch)] = pipe.step_engine(batch)
                     engine = engines[(name, batch)]
@@ -87,7 +87,7 @@ def units_table(
                         times.setdefault((mode, batch, name), []).append(seconds)
                 diff = (tokens["eager"] - tokens[units_mode]).abs().max().item()
                 diffs[(mode, batch)] = max(diffs.get((mode, batch), 0.0), diff)
-    pipe.head_graphs, pipe.pass_graphs = runners[units_mode]
+    pipe.units = runners[units_mode]
     rows = []
     for mode in modes:
         for batch in batches:
@@ -103,18 +103,14 @@ def units_table(
         "device": device_name(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "torch": torch.__version__,
-        "graphs": units_mode,
+        "units_mode": units_mode,
         "steps": params.num_iter,
         "cfg": params.cfg,
         "repeats": repeats,
         "start_up_build_s": build_s,
         "units": {
             name: units.stats.as_dict()
-            for name, units in (
-                ("head", pipe.head_graphs),
-                ("transformer", pipe.pass_graphs),
-                ("lazy", pipe.pass_graphs.lazy if pipe.pass_graphs is not None else None),
-            )
+            for name, units in pipe.units.families().items()
             if units is not None
         },
         "rows": rows,

@@ -1,7 +1,7 @@
-"""MAR's DiffLoss head: the small MLP denoiser (`SimpleMLPAdaLN`) and its DDPM sampler.
+"""MAR's DiffLoss head: the small MLP denoiser (`SimpleMLPAdaLN`) and its diffusion schedule.
 
-Key names match upstream (`diffloss.net.*`). The sampler is a plain function over injected
-noise: x_T and the per-step noise come in as tensors, so the caller owns all randomness.
+Key names match upstream (`diffloss.net.*`). Its DDPM sampling loop is decoding, not the
+model: `engine/decode/passes/head.py`.
 """
 
 from __future__ import annotations
@@ -149,6 +149,26 @@ class SimpleMLPAdaLN(nn.Module):
             per_layer.append([p.unbind(0) for p in out.permute(2, 0, 1, 3).unbind(0)])  # [k][blk]
         return [[piece[j] for layer in per_layer for piece in layer] for j in range(blk)]
 
+    def packed_modulations(self, y: Tensor) -> Tensor:
+        """`modulation_pieces(y)` as one tensor (blk, R, modulation_width) per block of steps
+        (for a traced step, whose inputs may not alias: `unpack_modulations` views it)."""
+        act = torch.nn.functional.silu(y)
+        width = self.input_proj.out_features
+        layers = [*self.res_blocks, self.final_layer]
+        return torch.cat(
+            [
+                F.linear(act, layer.adaLN_modulation[-1].weight,
+                         scale_plus_one(layer.adaLN_modulation[-1].bias, width))
+                for layer in layers
+            ],
+            dim=-1,
+        )  # fmt: skip
+
+    def unpack_modulations(self, mods: Tensor) -> list[Tensor]:
+        """One step's packed modulations (R, modulation_width) -> `forward_lean`'s pieces."""
+        width = self.input_proj.out_features
+        return list(mods.view(mods.shape[0], -1, width).unbind(1))
+
     def lean_weights(self) -> tuple[Tensor, ...]:
         """The weights as `forward_lean` takes them, linears transposed once (views): addmm
         with a pre-transposed weight is F.linear without its per-call transpose."""
@@ -233,56 +253,3 @@ class DiffLoss(nn.Module):
         self.in_channels = target_channels
         self.net = SimpleMLPAdaLN(target_channels, width, z_channels, depth)
         self.gen_schedule = DiffusionSchedule.create(num_sampling_steps)
-
-
-@torch.no_grad()
-def sample(
-    net: SimpleMLPAdaLN,
-    schedule: DiffusionSchedule,
-    z: Tensor,
-    x_T: Tensor,
-    step_noise: Tensor,
-    temperature: Tensor,
-    cfg: Tensor | None = None,
-) -> Tensor:
-    """Upstream `DiffLoss.sample` (100-step DDPM, learned-range variance), noise injected.
-
-    z: (N, D) conditions, or (2N, D) = [cond; uncond] when `cfg` is given.
-    x_T: (N, C) initial noise (not scaled by temperature). step_noise: (T, N, C), entry k
-    belongs to diffusion index T-1-k. temperature, cfg: (N, 1) per-row scales.
-    Only the conditional trajectory is carried: upstream's unconditional half is discarded.
-    Returns x_0 (N, C), float32.
-
-    Everything that does not depend on x_t is done before the loop, in a few large ops: every
-    step's adaLN outputs (blocks of steps, one matmul per layer), the schedule's per-step
-    constants (`DiffusionSchedule.step_terms`), and the temperature-scaled noise. A diffusion
-    step is then the MLP (`forward_lean`) and a fused update: about 14 + 6 x depth ops.
-    """
-    num_t, channels = schedule.num_timesteps, x_T.shape[1]
-    terms = schedule.step_terms(x_T.device)
-    tmap = terms.timestep_map
-    c_emb = net.cond_embed(z)  # constant over the diffusion steps
-    t_emb = net.time_embed(tmap)  # (T, W): one row per diffusion index
-    weights = net.lean_weights()
-    noise = (step_noise[:num_t] * temperature).unbind(0)  # draw k belongs to index T-1-k
-    guided = cfg is not None
-    # y = c_emb + t_emb[i] enters the MLP only through the adaLN linears, and every y is known
-    # up front: compute their outputs for a block of diffusion steps in one matmul (T_blk * N
-    # rows) instead of T matrix-vector products that each re-read those weights (over half
-    # the head's parameters). Blocks are sized to keep the buffer under MODULATION_BUDGET.
-    per_step = len(z) * net.modulation_width
-    block = max(1, min(num_t, MODULATION_BUDGET // per_step))
-    pieces: list[list[Tensor]] = []
-    lo = num_t
-    x = x_T
-    for i in reversed(range(num_t)):
-        if i < lo:  # the next block of diffusion steps [lo, i], in loop order
-            lo = max(0, i + 1 - block)
-            pieces = net.modulation_pieces(c_emb[None] + t_emb[lo : i + 1, None])
-        out = net.forward_lean(x, pieces[i - lo], weights, guided)
-        eps, v = out.float().split(channels, dim=1)  # (R, C) each
-        if guided:
-            cond_eps, uncond_eps = eps.chunk(2)
-            eps, v = torch.lerp(uncond_eps, cond_eps, cfg), v[: len(x)]
-        x = terms.update(i, x, eps, v, noise[num_t - 1 - i])
-    return x

@@ -154,6 +154,13 @@ class StepTerms:
         as_tensors = torch.tensor(np.stack([(lo + hi) / 4, (hi - lo) / 4]), dtype=torch.float32)
         self.p, self.q = (list(t.to(device).unbind(0)) for t in as_tensors)
         self.timestep_map = torch.from_numpy(schedule.timestep_map).to(device)
+        # (T, 4): A, B, P, Q of each index, for a traced step (one region for every step)
+        self.table = (
+            torch.tensor([self.a, self.b, *as_tensors.tolist()], dtype=torch.float32)
+            .t()
+            .contiguous()
+            .to(device)
+        )
 
     def update(self, i: int, x: Tensor, eps: Tensor, v: Tensor, noise: Tensor) -> Tensor:
         """x_{i-1} from x_i, the net's eps and variance interpolation v; `noise` is already

@@ -44,8 +44,8 @@ class Attention(nn.Module):
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v, _mask(key_mask)))
 
     # -- cache-aware paths (MARché). Caches are token-major (R, N, H, hd) pools owned by the
-    # caller; `rows` picks a call's rows in them (a slice, or an index tensor), and slot n of a
-    # pool row holds the K/V of that row's token n.
+    # caller; `rows` picks the calls' cache rows in them (a slice, or an index tensor), and
+    # slot n of a cache row holds the K/V of that call's token n.
 
     def qkv_tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, n, hd) for SDPA; k, v token-major (B, n, H, hd), the cache layout."""
@@ -71,7 +71,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         """Cache-aware attention: only the active tokens x (B, n, D) get fresh Q/K/V.
 
-        Their K/V are written into their slots (flat_slots (B*n,) = pool row * N + slot);
+        Their K/V are written into their slots (flat_slots (B*n,) = cache row * N + slot);
         their queries then attend over the rows' whole caches: fresh K/V for active tokens,
         stored K/V for cached ones. One SDPA call, exact for the given cache.
         """
@@ -203,38 +203,42 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 class MAR(nn.Module):
     """Masked autoregressive transformer: sparse encoder, full decoder, DiffLoss head."""
 
-    def __init__(self, cfg: MARConfig) -> None:
+    def __init__(self, config: MARConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         enc_d, dec_d, buf, seq = (
-            cfg.encoder_embed_dim,
-            cfg.decoder_embed_dim,
-            cfg.buffer_size,
-            cfg.seq_len,
+            config.encoder_embed_dim,
+            config.decoder_embed_dim,
+            config.buffer_size,
+            config.seq_len,
         )
         # Construction order mirrors upstream so a seeded init consumes the RNG identically.
-        self.class_emb = nn.Embedding(cfg.class_num, enc_d)
+        self.class_emb = nn.Embedding(config.class_num, enc_d)
         self.fake_latent = nn.Parameter(torch.zeros(1, enc_d))  # the null class for CFG
-        self.z_proj = nn.Linear(cfg.token_embed_dim, enc_d, bias=True)
-        self.z_proj_ln = nn.LayerNorm(enc_d, eps=cfg.norm_eps)
+        self.z_proj = nn.Linear(config.token_embed_dim, enc_d, bias=True)
+        self.z_proj_ln = nn.LayerNorm(enc_d, eps=config.norm_eps)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, enc_d))
         self.encoder_blocks = nn.ModuleList(
-            Block(enc_d, cfg.encoder_num_heads, cfg.mlp_ratio, cfg.norm_eps)
-            for _ in range(cfg.encoder_depth)
+            Block(enc_d, config.encoder_num_heads, config.mlp_ratio, config.norm_eps)
+            for _ in range(config.encoder_depth)
         )
-        self.encoder_norm = nn.LayerNorm(enc_d, eps=cfg.norm_eps)
+        self.encoder_norm = nn.LayerNorm(enc_d, eps=config.norm_eps)
         self.decoder_embed = nn.Linear(enc_d, dec_d, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq, dec_d))
         self.decoder_blocks = nn.ModuleList(
-            Block(dec_d, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps)
-            for _ in range(cfg.decoder_depth)
+            Block(dec_d, config.decoder_num_heads, config.mlp_ratio, config.norm_eps)
+            for _ in range(config.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(dec_d, eps=cfg.norm_eps)
+        self.decoder_norm = nn.LayerNorm(dec_d, eps=config.norm_eps)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq, dec_d))
         self.initialize_weights()
         self.diffloss = DiffLoss(
-            cfg.token_embed_dim, dec_d, cfg.diffloss_d, cfg.diffloss_w, cfg.num_sampling_steps
+            config.token_embed_dim,
+            dec_d,
+            config.diffloss_d,
+            config.diffloss_w,
+            config.num_sampling_steps,
         )
 
     def initialize_weights(self) -> None:
@@ -273,7 +277,7 @@ class MAR(nn.Module):
         """Known tokens projected, + their position embedding, LN: (B, n, D)."""
         pos = self.encoder_pos_embed_learned.expand(len(tokens), -1, -1)
         x = self.z_proj(gather_tokens(tokens, known_idx))  # (B, n, D)
-        return self.z_proj_ln(x + gather_tokens(pos, self.cfg.buffer_size + known_idx))
+        return self.z_proj_ln(x + gather_tokens(pos, self.config.buffer_size + known_idx))
 
     def encoder_input(self, tokens: Tensor, known_idx: Tensor, class_embedding: Tensor) -> Tensor:
         """Buffer slots (all the class embedding) then the known tokens, + pos embed, LN.
@@ -282,7 +286,8 @@ class MAR(nn.Module):
         """
         x_known = self.embed_known(tokens, known_idx)
         x_buf = (
-            class_embedding[:, None, :] + self.encoder_pos_embed_learned[:, : self.cfg.buffer_size]
+            class_embedding[:, None, :]
+            + self.encoder_pos_embed_learned[:, : self.config.buffer_size]
         )
         return torch.cat([self.z_proj_ln(x_buf).to(x_known.dtype), x_known], dim=1)
 
@@ -307,7 +312,7 @@ class MAR(nn.Module):
 
         Padded entries of known_idx hold L (one past the last position): they land in a
         scratch slot that is cut off."""
-        buf, seq = self.cfg.buffer_size, self.cfg.seq_len
+        buf, seq = self.config.buffer_size, self.config.seq_len
         x = self.decoder_embed(x)  # (B, buffer + n, D)
         b, _, d = x.shape
         full = self.mask_token.to(x.dtype).expand(b, buf + seq + 1, d).clone()  # + scratch
@@ -318,7 +323,7 @@ class MAR(nn.Module):
     def decoder_output(self, x: Tensor) -> Tensor:
         """decoder_norm, drop the buffer, add the diffusion position embedding: z (B, L, D)."""
         x = self.decoder_norm(x)
-        return x[:, self.cfg.buffer_size :] + self.diffusion_pos_embed_learned
+        return x[:, self.config.buffer_size :] + self.diffusion_pos_embed_learned
 
     def decoder_output_at(self, x: Tensor, pos: Tensor) -> Tensor:
         """`decoder_output` for image positions pos (B, k) whose hidden states are x (B, k, D)."""
@@ -331,7 +336,7 @@ class MAR(nn.Module):
         x = self.decoder_input(x, known_idx)
         for block in self.decoder_blocks:
             x = block(x)
-        return x[:, self.cfg.buffer_size :]
+        return x[:, self.config.buffer_size :]
 
     def forward_decoder(self, x: Tensor, known_idx: Tensor) -> Tensor:
         """Upstream `forward_mae_decoder`: all buffer + L positions, z for every position."""

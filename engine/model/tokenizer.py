@@ -48,8 +48,8 @@ class PixelTokenizer:
 
     name = "pixels"
 
-    def __init__(self, cfg: MARConfig) -> None:
-        self.channels, self.patch_size = cfg.vae_embed_dim, cfg.patch_size
+    def __init__(self, config: MARConfig) -> None:
+        self.channels, self.patch_size = config.vae_embed_dim, config.patch_size
 
     def encode(self, images: Tensor) -> Tensor:
         return patchify(images, self.patch_size)
@@ -63,8 +63,8 @@ class KL16Tokenizer:
 
     name = "kl16"
 
-    def __init__(self, cfg: MARConfig, vae: torch.nn.Module, scale: float = 0.2325) -> None:
-        self.channels, self.patch_size = cfg.vae_embed_dim, cfg.patch_size
+    def __init__(self, config: MARConfig, vae: torch.nn.Module, scale: float = 0.2325) -> None:
+        self.channels, self.patch_size = config.vae_embed_dim, config.patch_size
         self.vae, self.scale = vae, scale
 
     @torch.no_grad()

@@ -139,29 +139,29 @@ class Level(nn.Module):
 class Encoder(nn.Module):
     """(B, in_channels, H, W) -> (B, 2*embed_dim, H/2^(L-1), W/2^(L-1)) (mean and logvar)."""
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        in_mult = (1, *cfg.ch_mult)
-        res = cfg.resolution
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        in_mult = (1, *config.ch_mult)
+        res = config.resolution
         self.down = nn.ModuleList()
-        for i, mult in enumerate(cfg.ch_mult):
-            block_in, block_out = cfg.ch * in_mult[i], cfg.ch * mult
+        for i, mult in enumerate(config.ch_mult):
+            block_in, block_out = config.ch * in_mult[i], config.ch * mult
             blocks, attn = [], []
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(config.num_res_blocks):
                 blocks.append(ResnetBlock(block_in, block_out))
                 block_in = block_out
-                if res in cfg.encoder_attn_resolutions:
+                if res in config.encoder_attn_resolutions:
                     attn.append(AttnBlock(block_out))
             level = Level(blocks, attn)
-            if i != len(cfg.ch_mult) - 1:
+            if i != len(config.ch_mult) - 1:
                 level.downsample = Downsample(block_out)
                 res //= 2
             self.down.append(level)
-        top = cfg.ch * cfg.ch_mult[-1]
+        top = config.ch * config.ch_mult[-1]
         self.mid = MidBlock(top)
         self.norm_out = group_norm(top)
-        self.conv_out = nn.Conv2d(top, 2 * cfg.embed_dim, 3, padding=1)  # double_z
+        self.conv_out = nn.Conv2d(top, 2 * config.embed_dim, 3, padding=1)  # double_z
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -179,16 +179,16 @@ class Decoder(nn.Module):
     `up.0` is the highest resolution (width ch*ch_mult[0]); `up.{L-1}` the lowest, run first.
     """
 
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.embed_dim, block_in, 3, padding=1)
+        block_in = config.ch * config.ch_mult[-1]
+        self.conv_in = nn.Conv2d(config.embed_dim, block_in, 3, padding=1)
         self.mid = MidBlock(block_in)
         levels: list[Level] = []
-        for i in reversed(range(len(cfg.ch_mult))):
-            block_out = cfg.ch * cfg.ch_mult[i]
+        for i in reversed(range(len(config.ch_mult))):
+            block_out = config.ch * config.ch_mult[i]
             blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
+            for _ in range(config.num_res_blocks + 1):
                 blocks.append(ResnetBlock(block_in, block_out))
                 block_in = block_out
             level = Level(blocks, [])
@@ -197,7 +197,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -211,13 +211,13 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """MAR's KL VAE: `encode` gives (mean, clamped logvar); `decode` maps latents to pixels."""
 
-    def __init__(self, cfg: VAEConfig = KL16) -> None:
+    def __init__(self, config: VAEConfig = KL16) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.embed_dim, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.embed_dim, 2 * config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.embed_dim, 1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, H, W) in [-1, 1] -> mean, logvar, each (B, embed_dim, H/16, W/16)."""
@@ -231,13 +231,13 @@ class AutoencoderKL(nn.Module):
 
 
 def load_vae(
-    path: str | Path, cfg: VAEConfig = KL16, device: str | torch.device = "cpu"
+    path: str | Path, config: VAEConfig = KL16, device: str | torch.device = "cpu"
 ) -> AutoencoderKL:
     """Build the VAE and load `kl16.ckpt` (`{"model": ...}`) or flat safetensors strictly."""
     sd = read_state_dict(path, prefer=("model",))
     sd = {k: v.float() for k, v in sd.items()}
     with torch.device("meta"):  # skip the random init: no RNG use, no wasted time
-        vae = AutoencoderKL(cfg)
+        vae = AutoencoderKL(config)
     vae = vae.to_empty(device="cpu")
     # Strict: every parameter is overwritten (the VAE has no buffers), so to_empty is safe.
     load_strict(vae, sd, what=f"VAE checkpoint {path}")

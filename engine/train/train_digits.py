@@ -100,7 +100,7 @@ def _short_hash(path: Path) -> str:
 
 
 def train(
-    cfg: MARConfig,
+    config: MARConfig,
     steps: int,
     batch_size: int,
     lr: float,
@@ -116,7 +116,7 @@ def train(
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = load_digits_split()
-    model = MAR(cfg).train()
+    model = MAR(config).train()
     if init is not None:  # a later stage starts from an earlier stage's EMA weights
         model.load_state_dict(load_file(str(init)))
     ema = copy.deepcopy(model).eval()
@@ -142,7 +142,7 @@ def train(
             images = augment(images, gen, max_shift)
         loss = mar_loss(
             model,
-            patchify(images, cfg.patch_size),
+            patchify(images, config.patch_size),
             data.train_labels[idx],
             gen,
             sched,
@@ -168,7 +168,7 @@ def train(
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "config": cfg.name,
+        "config": config.name,
         "steps": str(steps),
         "batch_size": str(batch_size),
         "lr": str(lr),

@@ -50,16 +50,16 @@ class EngineClient(Protocol):
 
 def model_info(pipeline: Pipeline, settings: ServiceSettings) -> dict[str, Any]:
     """What /info and /classes show about the loaded model."""
-    spec, cfg = pipeline.spec, pipeline.model.cfg
+    spec, config = pipeline.spec, pipeline.model.config
     return {
         "model": pipeline.name,
         "device": str(pipeline.device),
         "dtype": str(pipeline.dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in pipeline.model.parameters()),
-        "image_size": cfg.img_size,
-        "seq_len": cfg.seq_len,
-        "num_classes": cfg.class_num,
-        "labels": list(spec.labels) if spec.labels else [str(i) for i in range(cfg.class_num)],
+        "image_size": config.img_size,
+        "seq_len": config.seq_len,
+        "num_classes": config.class_num,
+        "labels": list(spec.labels) if spec.labels else [str(i) for i in range(config.class_num)],
         "defaults": {
             "steps": spec.defaults.num_iter,
             "cfg": spec.defaults.cfg,
@@ -111,8 +111,7 @@ def _load(settings: ServiceSettings) -> Pipeline:
         device=settings.device,
         dtype=settings.dtype,
         random_weights=settings.random_weights,
-        compile=settings.compile,
-        graphs=settings.graphs,
+        units=settings.units,
         head_buckets=settings.head_buckets,
         pass_buckets=settings.pass_buckets,
     )
@@ -157,12 +156,10 @@ class LocalEngineClient:
 
     async def info(self) -> dict[str, Any]:
         running, waiting = self.worker.counts()
-        passes = self.pipeline.pass_graphs
-        units = {"head": self.pipeline.head_graphs, "transformer": passes,
-                 "lazy": passes.lazy if passes is not None else None}  # fmt: skip
+        units = self.pipeline.units.families()
         return {
             **self._info,
-            "graphs": {k: u.stats.as_dict() if u else {"mode": "off"} for k, u in units.items()},
+            "units": {k: u.stats.as_dict() if u else {"mode": "off"} for k, u in units.items()},
             "ready": self.worker.ready,
             "running": running,
             "waiting": waiting,

@@ -29,7 +29,7 @@ class RowEngine(Protocol):
         ...
 
     def step(self, rows: Sequence[Any]) -> None:
-        """Advance every row one step of its own plan."""
+        """Advance every row one step of its own run."""
         ...
 
     def release(self, rows: Sequence[Any]) -> None: ...
@@ -78,7 +78,7 @@ class PipelineRows:
         return row.finished
 
     def progress(self, row: Any) -> tuple[int, int, int, int]:
-        step = row.plan[row.done - 1].index + 1 if row.done else 0
+        step = row.steps[row.done - 1].index + 1 if row.done else 0
         return step, row.params.num_iter, row.tokens_done, len(row.order)
 
     def active_fraction(self, row: Any) -> float:

@@ -17,17 +17,20 @@ from engine.model.mar import MAR
 def deep() -> MAR:
     """A random digits-shaped model: 256 tokens, 4 decoder layers (room for cached layers)."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(MAR_DIGITS, encoder_depth=2, decoder_depth=4)
-    model = MAR(cfg).eval()
+    config = dataclasses.replace(MAR_DIGITS, encoder_depth=2, decoder_depth=4)
+    model = MAR(config).eval()
     with torch.no_grad():  # upstream init zeroes the head; give it something to say
         for p in model.diffloss.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model
 
 
-def run(model: MAR, policy, params, classes=(3, 5), seeds=(1, 2), on_step=None):
-    """Tokens of one batch; `params` is one SamplingParams for every row or one per row."""
+def run(model: MAR, policy, params, classes=(3, 5), seeds=(1, 2), on_step=None, units=None):
+    """Tokens of one batch; `params` is one SamplingParams for every row or one per row;
+    `units`: the phases that run as units (None: eager)."""
     if isinstance(params, SamplingParams):
         params = [params] * len(classes)
-    rng = request_randomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
-    return sample_tokens(model, torch.tensor(classes), params, rng, policy, on_step=on_step)
+    rng = request_randomness(seeds, model.config.seq_len, model.config.token_embed_dim, 100, "cpu")
+    return sample_tokens(
+        model, torch.tensor(classes), params, rng, policy, on_step=on_step, units=units
+    )

@@ -47,13 +47,13 @@ def test_warm_up_runs_the_first_steps_of_a_real_run_of_each_mode(monkeypatch, st
     # each mode on the real run's schedule (8 steps), cut after `steps`: not a short 2-step
     # run, which would predict every token
     assert [rows for rows, _ in seen] == [3] * (2 * expected)
-    seq_len = pipe.model.cfg.seq_len
+    seq_len = pipe.model.config.seq_len
     for done in (seen[expected - 1][1], seen[-1][1]):  # each mode's last step
         assert done == seq_len if steps is None else 0 < done < seq_len / 2
 
 
 def test_the_units_bench_times_eager_against_units_and_builds_pool_units_once():
-    """`marche bench --graphs static` on digits: both runners' tokens agree, and MARché's lazy
+    """`marche bench --units static` on digits: both runners' tokens agree, and MARché's lazy
     units are built in the warm-up round only (each runner keeps its step engine's pool, as a
     server does): 4 steps, 2 of them lazy, 2 rounds."""
     from engine.eval.latency import units_table

@@ -20,10 +20,11 @@ pytestmark = [
 PARAMS = SamplingParams(num_iter=8, cfg=3.0)
 
 
-def run(model, policy, on_step=None):
-    rng = request_randomness((1, 2), model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cuda")
+def run(model, policy, on_step=None, units=None):
+    config = model.config
+    rng = request_randomness((1, 2), config.seq_len, config.token_embed_dim, 100, "cuda")
     labels = torch.tensor((3, 5), device="cuda")
-    return sample_tokens(model, labels, [PARAMS] * 2, rng, policy, on_step=on_step)
+    return sample_tokens(model, labels, [PARAMS] * 2, rng, policy, on_step=on_step, units=units)
 
 
 @pytest.fixture(scope="module")
@@ -63,40 +64,39 @@ def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_head_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
-    """One CUDA graph per (plan, guided, row bucket), captured on first use and replayed:
+def test_head_units_replay_what_eager_computes_on_cuda(cuda_deep, mode):
+    """One CUDA graph per (plan, guided, token bucket), captured on first use and replayed:
     the captured kernels are eager's, so fp32 tokens agree to rounding, and bf16 runs."""
-    from engine.decode.head_graphs import HEAD_BUCKETS, HeadGraphs
+    from engine.decode.units.common import DecodeUnits
+    from engine.decode.units.head import HEAD_BUCKETS, HeadUnits
 
     torch.backends.cuda.matmul.allow_tf32 = False
     eager = run(cuda_deep, make_policy(mode))
-    policy = make_policy(mode)
-    policy.sample_head = units = HeadGraphs(cuda_deep.diffloss, "graphs", (*HEAD_BUCKETS, 512))
-    torch.testing.assert_close(run(cuda_deep, policy), eager, atol=1e-4, rtol=1e-4)
-    assert units.stats.hits > 0 and units.stats.misses == 0 and units.stats.built > 0
-    again = make_policy(mode)  # replays only: no capture on a second run
-    again.sample_head, built = units, units.stats.built
-    torch.testing.assert_close(run(cuda_deep, again), eager, atol=1e-4, rtol=1e-4)
-    assert units.stats.built == built
+    head = HeadUnits(cuda_deep.diffloss, "cuda-graphs", (*HEAD_BUCKETS, 512))
+    units = DecodeUnits(head=head)
+    out = run(cuda_deep, make_policy(mode), units=units)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    assert head.stats.hits > 0 and head.stats.misses == 0 and head.stats.built > 0
+    built = head.stats.built  # replays only: no capture on a second run
+    out = run(cuda_deep, make_policy(mode), units=units)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    assert head.stats.built == built
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert torch.isfinite(run(cuda_deep, again)).all()
+        assert torch.isfinite(run(cuda_deep, make_policy(mode), units=units)).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_transformer_graphs_replay_what_eager_computes_on_cuda(cuda_deep, mode):
-    """Full passes as CUDA graphs per (rows, known tokens), MARché's cache refills included
+def test_transformer_units_replay_what_eager_computes_on_cuda(cuda_deep, mode):
+    """Full passes as CUDA graphs per (calls, known tokens), MARché's cache refills included
     (bound to the run's pool), and MARché's lazy passes (append encoder, cache-aware
     decoder, positions computed on the device): fp32 tokens agree with eager to rounding."""
-    from engine.decode.pass_graphs import PassGraphs
+    from engine.decode.units.build import transformer_units
 
     torch.backends.cuda.matmul.allow_tf32 = False
     eager = run(cuda_deep, make_policy(mode))
-    units = PassGraphs(cuda_deep, "graphs")
-    rng = request_randomness((1, 2), cuda_deep.cfg.seq_len, cuda_deep.cfg.token_embed_dim, 100,
-                             "cuda")  # fmt: skip
-    labels = torch.tensor((3, 5), device="cuda")
-    out = sample_tokens(cuda_deep, labels, [PARAMS] * 2, rng, make_policy(mode), pass_units=units)
+    units = transformer_units(cuda_deep, "cuda-graphs")
+    out = run(cuda_deep, make_policy(mode), units=units)
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
-    assert units.stats.hits > 0 and units.stats.misses == 0
+    assert units.full.stats.hits > 0 and units.full.stats.misses == 0
     lazy = units.lazy.stats
     assert lazy.misses == 0 and (lazy.hits > 0) == (mode != "mar")

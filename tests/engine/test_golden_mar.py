@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.decode.passes.head import ddpm_loop
 from engine.decode.sampler import sample_tokens
 from engine.model import diffloss
 from engine.model.config import MAR_BASE, MAR_HUGE, MAR_LARGE, MAR_TINY, SamplingParams
@@ -126,7 +127,7 @@ def test_diffloss_sample_replays_golden(ref, load_golden, group, steps_per_block
         rows = 2 * n if guided else n
         budget = steps_per_block * rows * model.diffloss.net.modulation_width
         monkeypatch.setattr(diffloss, "MODULATION_BUDGET", budget)
-    out = diffloss.sample(
+    out = ddpm_loop(
         model.diffloss.net,
         model.diffloss.gen_schedule,
         g["z"],

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.decode.passes.head import ddpm_loop
 from engine.eval.dispatch import OpCounter
-from engine.model import diffloss
 from engine.model.diffloss import SimpleMLPAdaLN
 from engine.model.diffusion import DiffusionSchedule
 
@@ -81,10 +81,10 @@ def test_a_diffusion_step_stays_within_its_op_budget(depth):
     schedule = DiffusionSchedule.create("ddim50")
     z, x_T = torch.randn(2 * n, Z), torch.randn(n, C)
     noise, temp, cfg = torch.randn(50, n, C), torch.ones(n, 1), torch.full((n, 1), 3.0)
-    diffloss.sample(net, schedule, z, x_T, noise, temp, cfg)  # builds the step terms
+    ddpm_loop(net, schedule, z, x_T, noise, temp, cfg)  # builds the step terms
     counter = OpCounter()
     with counter:
-        diffloss.sample(net, schedule, z, x_T, noise, temp, cfg)
+        ddpm_loop(net, schedule, z, x_T, noise, temp, cfg)
     steps = schedule.num_timesteps
     setup = 15 * depth + 30  # once per call: embeddings, the adaLN outputs and their views
     assert counter.ops["other"] <= (14 + 6 * depth) * steps + setup, counter.ops["other"]

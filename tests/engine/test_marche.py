@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch._dynamo.testing import CompileCounterWithBackend
 
-from engine.decode.compile import compile_model
-from engine.decode.marche import MarcheConfig, active_slots
+from engine.decode.marche import MarcheConfig
+from engine.decode.passes.common import Call
+from engine.decode.passes.lazy import active_slots
 from engine.decode.policy import DecodeConfig, make_policy
 from engine.decode.randomness import request_randomness
 from engine.decode.sampler import sample_tokens
-from engine.decode.transformer import Call
-from engine.model.config import MAR_DIGITS, MAR_TINY, SamplingParams
+from engine.model.config import MAR_TINY, SamplingParams
 from engine.model.mar import MAR
 from tests.engine.conftest import run
 
@@ -35,7 +32,7 @@ PLAIN = SamplingParams(num_iter=16, cfg=1.0)
 @pytest.mark.parametrize("encoder", ["full", "cache"])
 def test_budget_covering_all_tokens_equals_baseline(tiny, params, encoder):
     baseline = run(tiny, make_policy("mar"), params)
-    all_tokens = tiny.cfg.buffer_size + tiny.cfg.seq_len
+    all_tokens = tiny.config.buffer_size + tiny.config.seq_len
     cfg = MarcheConfig(budget=all_tokens, selection_layer=1, refresh_period=100, encoder=encoder)
     policy = make_policy(DecodeConfig(marche=cfg))
     out = run(tiny, policy, params)
@@ -148,7 +145,7 @@ def test_retiring_a_row_mid_run_leaves_its_batch_mates_unchanged(deep, mode, par
     def on_step(info):
         return [True, False, True] if info.step == drop_after else None
 
-    rng = request_randomness(seeds, deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    rng = request_randomness(seeds, deep.config.seq_len, deep.config.token_embed_dim, 100, "cpu")
     out = sample_tokens(
         deep, torch.tensor(classes), [params] * 3, rng, make_policy(mode), on_step=on_step
     )
@@ -163,36 +160,8 @@ def test_retiring_every_row_stops_the_run(deep):
         steps.append(info.step)
         return [False, False]
 
-    rng = request_randomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    rng = request_randomness((1, 2), deep.config.seq_len, deep.config.token_embed_dim, 100, "cpu")
     out = sample_tokens(
         deep, torch.tensor((3, 5)), [GUIDED] * 2, rng, make_policy("marche"), on_step=on_step
     )
     assert out.shape[0] == 0 and steps == [0]
-
-
-def test_compiled_hot_paths_trace_and_give_the_same_tokens():
-    """`compile_model` wraps the head and the cache-aware layers; dynamo must trace them
-    (aot_eager: the full capture pipeline without generating C++) and change nothing."""
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(MAR_DIGITS, encoder_depth=1, decoder_depth=3)
-    eager = MAR(cfg).eval()
-    with torch.no_grad():
-        for p in eager.diffloss.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    compiled = MAR(cfg).eval()
-    compiled.load_state_dict(eager.state_dict())
-    counter = CompileCounterWithBackend("aot_eager")
-    compile_model(compiled, "default", backend=counter)
-    params = SamplingParams(num_iter=6, cfg=2.0)
-    frames = [0]
-    for mode in ("mar", "marche"):
-        expected = run(eager, make_policy(mode), params)
-        torch.testing.assert_close(run(compiled, make_policy(mode), params), expected)
-        frames.append(counter.frame_count)
-    # mar ran the compiled head; marche also the compiled cache-aware layers
-    assert frames[0] < frames[1] < frames[2]
-
-
-def test_compile_mode_is_checked():
-    with pytest.raises(ValueError, match="compile mode"):
-        compile_model(MAR(MAR_TINY), "fast")

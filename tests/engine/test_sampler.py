@@ -24,7 +24,7 @@ def tiny(ref) -> MAR:
 def run(model: MAR, classes, seeds, params, on_step=None) -> torch.Tensor:
     if isinstance(params, SamplingParams):
         params = [params] * len(classes)
-    rng = request_randomness(seeds, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    rng = request_randomness(seeds, model.config.seq_len, model.config.token_embed_dim, 100, "cpu")
     labels = torch.tensor(classes)
     return sample_tokens(model, labels, params, rng, on_step=on_step)
 

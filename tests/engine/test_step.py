@@ -22,7 +22,7 @@ MATES = [  # (class, seed, params, mode): other steps counts, cfg, schedules and
 
 
 def rng(model, seed: int) -> SeededRandomness:
-    return SeededRandomness(seed, model.cfg.seq_len, model.cfg.token_embed_dim, 100, "cpu")
+    return SeededRandomness(seed, model.config.seq_len, model.config.token_embed_dim, 100, "cpu")
 
 
 def assert_same_image(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -40,6 +40,6 @@ def test_kl16_tokenizer_unscales_then_decodes(ref, load_golden):
     golden = load_golden("tiny_vae_decode.safetensors")
     latent = golden["decode.latent"]  # (1, 16, 8, 8), already on the VAE scale
     tokens = latent.permute(0, 2, 3, 1).reshape(1, 64, 16) * LATENT_SCALE  # MAR's scaled tokens
-    cfg = dataclasses.replace(MAR_TINY)  # 8x8 tokens of dim 16, patch 1
-    images = KL16Tokenizer(cfg, vae).decode(tokens)
+    config = dataclasses.replace(MAR_TINY)  # 8x8 tokens of dim 16, patch 1
+    images = KL16Tokenizer(config, vae).decode(tokens)
     torch.testing.assert_close(images, golden["decode.image"], atol=5e-5, rtol=1e-5)

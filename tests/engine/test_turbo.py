@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.decode.cond_cache import CondCacheConfig
-from engine.decode.head import HeadConfig, clipped_schedule, full_steps
+from engine.decode.head import HeadConfig, clipped_schedule, whole_mlp_steps
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES, PRESETS, DecodeConfig, make_policy
 from engine.decode.randomness import request_randomness
@@ -99,12 +99,12 @@ def test_clipped_respacing_spans_zero_to_clip(steps):
     assert schedule.timestep_map[0] == 0 and schedule.timestep_map[-1] == 950
 
 
-def test_head_cache_full_steps_include_the_noisy_end_and_the_period():
-    full = full_steps(50, 3, 0.1)
+def test_head_cache_whole_mlp_steps_include_the_noisy_end_and_the_period():
+    full = whole_mlp_steps(50, 3, 0.1)
     assert {49, 48, 47, 46, 45} <= full  # the noisiest 10% always
     assert all(i in full for i in range(49, -1, -3))  # every 3rd call from the first
     assert len(full) < 50
-    assert full_steps(50, 1, 0.0) == frozenset(range(50))
+    assert whole_mlp_steps(50, 1, 0.0) == frozenset(range(50))
 
 
 def test_config_validation():
@@ -153,7 +153,9 @@ def test_every_mode_runs_under_bf16_autocast(deep, mode):
     assert (out - fp32).abs().mean() < 0.25 * fp32.abs().mean()  # bf16 rounding, not garbage
 
     engine = StepEngine(deep, capacity=2)  # the same run, to look into the cache pool
-    randomness = request_randomness((1, 2), deep.cfg.seq_len, deep.cfg.token_embed_dim, 100, "cpu")
+    randomness = request_randomness(
+        (1, 2), deep.config.seq_len, deep.config.token_embed_dim, 100, "cpu"
+    )
     rows = [
         engine.admit(c, GUIDED, PRESETS[mode], r) for c, r in zip((3, 5), randomness, strict=True)
     ]

@@ -71,7 +71,7 @@ def test_tiny_config_matches_reference_keys() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> AutoencoderKL:
-    return load_vae(reference_dir() / "tiny_vae_weights.safetensors", cfg=tiny_config())
+    return load_vae(reference_dir() / "tiny_vae_weights.safetensors", config=tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +112,12 @@ def test_encode_clamps_logvar(tiny_vae: AutoencoderKL) -> None:
 
 def test_load_vae_strictness(tmp_path: Path) -> None:
     sd = load_file(reference_dir() / "tiny_vae_weights.safetensors")
-    cfg = tiny_config()
+    config = tiny_config()
 
     ckpt = tmp_path / "kl16.ckpt"
     torch.save({"model": sd}, ckpt)
     rng = torch.get_rng_state()
-    vae = load_vae(ckpt, cfg=cfg)
+    vae = load_vae(ckpt, config=config)
     assert torch.equal(torch.get_rng_state(), rng)  # no random init is run
     torch.testing.assert_close(
         vae.state_dict()["decoder.conv_out.weight"],
@@ -130,22 +130,22 @@ def test_load_vae_strictness(tmp_path: Path) -> None:
     with pytest.raises(
         CheckpointError, match=r"missing keys: decoder\.up\.2\.upsample\.conv\.bias"
     ):
-        load_vae(tmp_path / "missing.safetensors", cfg=cfg)
+        load_vae(tmp_path / "missing.safetensors", config=config)
 
     extra = dict(sd)
     extra["decoder.up.0.upsample.conv.bias"] = torch.zeros(32, dtype=torch.float16)
     save_file(extra, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected keys: decoder\.up\.0\.upsample"):
-        load_vae(tmp_path / "extra.safetensors", cfg=cfg)
+        load_vae(tmp_path / "extra.safetensors", config=config)
 
     torch.save({"model": missing}, tmp_path / "missing.ckpt")
     with pytest.raises(
         CheckpointError, match=r"missing keys: decoder\.up\.2\.upsample\.conv\.bias"
     ):
-        load_vae(tmp_path / "missing.ckpt", cfg=cfg)
+        load_vae(tmp_path / "missing.ckpt", config=config)
 
     with pytest.raises(CheckpointError, match="wrong shapes"):
-        load_vae(ckpt, cfg=VAEConfig(ch=32, embed_dim=8))
+        load_vae(ckpt, config=VAEConfig(ch=32, embed_dim=8))
 
 
 @pytest.mark.parametrize(

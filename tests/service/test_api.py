@@ -51,7 +51,7 @@ def test_health_info_classes(client):
     assert info["model"] == "digits" and info["num_classes"] == 10 and info["ready"]
     assert info["defaults"]["mode"] == "marche" and info["marche"]["budget"] == 64
     off = {"mode": "off"}
-    assert info["graphs"] == {"head": off, "transformer": off, "lazy": off}  # CPU: auto
+    assert info["units"] == {"head": off, "full": off, "lazy": off}  # CPU: auto
     classes = client.get("/classes").json()["classes"]
     assert [c["id"] for c in classes] == list(range(10))
     assert client.get("/docs").status_code == 200
@@ -266,26 +266,26 @@ def test_stream_with_a_full_queue_is_a_plain_503():
 
 
 def test_units_serve_the_same_image_and_are_reported():
-    """MARCHE_GRAPHS=static: the head and the transformer's passes run as padded units (what
+    """MARCHE_UNITS=static: the head and the transformer's passes run as padded units (what
     CUDA graphs replay), exact MAR's built at start-up, MARché's lazy ones on first use (the
     warm-up's first), all reported in /info; the images are eager's."""
     bodies = [{"class_id": 3, "cfg": 3.0, "seed": 5, "mode": m, **FAST} for m in ("mar", "marche")]
     with make_client() as eager:
         wait_ready(eager)
         expected = [pixels(eager.post("/generate", json=b).content) for b in bodies]
-    with make_client(graphs="static", head_buckets="1,2,4,8,16,32,64") as units:
+    with make_client(units="static", head_buckets="1,2,4,8,16,32,64") as units:
         wait_ready(units)
-        before = units.get("/info").json()["graphs"]
+        before = units.get("/info").json()["units"]
         for body, want in zip(bodies, expected, strict=True):
             image = pixels(units.post("/generate", json=body).content).astype(int)
             assert abs(image - want.astype(int)).max() <= 1  # 8-bit pixels: rounding at most
-        after = units.get("/info").json()["graphs"]
+        after = units.get("/info").json()["units"]
     assert before["head"]["mode"] == "static" and before["head"]["built"] >= 7 * 2
-    assert before["transformer"]["built"] >= 6 * 8  # rows 1..32 x every L/8 known tokens, + fills
+    assert before["full"]["built"] >= 6 * 8  # calls 1..32 x every L/8 known tokens, + fills
     assert before["lazy"]["built"] > 0  # by the warm-up's MARché rows, in the serving pool
     assert after["head"]["hits"] > before["head"]["hits"]
     lazy_steps = FAST["steps"] - -(-FAST["steps"] // 3)  # MARché: every third step is full
     full_passes = 2 * FAST["steps"] - lazy_steps  # mar's every step, MARché's full ones
-    assert after["transformer"]["hits"] == before["transformer"]["hits"] + full_passes
+    assert after["full"]["hits"] == before["full"]["hits"] + full_passes
     assert after["lazy"]["hits"] == before["lazy"]["hits"] + lazy_steps
     assert after["lazy"]["misses"] == before["lazy"]["misses"] == 0

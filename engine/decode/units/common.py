@@ -1,32 +1,38 @@
-"""Phases of a decoding step as units: padded to a bucket, run eagerly, compiled or captured.
+"""What every family of units shares: the unit protocol, buckets, stats, and how a
+computation over static buffers becomes a unit (run as it is, compiled, or captured).
 
 At small batch a decoding step is bound by dispatch: thousands of tiny ops (1,263 per AR step
 for digits at batch 1, 5,015 for MAR-B, `marche bench --dispatch`), and on a GPU each is a
 kernel launch. A phase whose shapes are fixed is a pure function of a few static buffers, so
-it can run as one unit, keyed by its row bucket as vLLM keys its decode graphs by batch size:
+it can run as one unit, keyed by its bucket as vLLM keys its decode graphs by batch size.
+Each family mirrors its eager pass file for file (`passes/X.py` and `units/X.py`):
 
-* the diffusion head, per (plan, guided, row bucket): `head_graphs.HeadGraphs`;
-* the transformer's full pass (encoder, decoder; MARché's cache refills included), per (row
-  bucket, known-token bucket), with pad tokens masked out of attention:
-  `pass_graphs.PassGraphs`;
-* MARché's lazy pass (the append-only encoder, the cache-aware decoder), per (row bucket,
-  appended tokens, known tokens, active tokens), its positions computed on the device from
-  a small per-row plan: `lazy_graphs.LazyGraphs`.
+* `units/head.py`: the diffusion head, per (plan, guided, token bucket);
+* `units/full.py`: the transformer's full pass (encoder, decoder; MARché's cache refills
+  included), per (call bucket, known-token bucket), pad tokens masked out of attention;
+* `units/lazy.py`: MARché's lazy pass (the append-only encoder, the cache-aware decoder), per
+  (call bucket, appended, known, active tokens), positions computed on the device from a
+  small plan per call.
 
-Modes (`GRAPH_MODES`):
+Every family speaks one protocol (`Unit`, SGLang's shape): `can_run(*args)`, then
+`run(*args)`, with the eager pass's arguments, returning what the eager pass returns. The step
+engine chooses between a unit and the eager pass in one place (`run_phase`), which also counts
+hits and misses. `units/build.py` builds the families for a mode (and measures "auto").
 
-* ``graphs`` (CUDA): the eager code captured as one `torch.cuda.CUDAGraph` per key and
-  replayed: one launch per unit. The captured kernels are eager's, so a replay computes what
-  eager computes on the same padded rows. Captured at start-up for the shapes known then,
-  later shapes on first use (a capture costs about two eager runs, its warm-up); all graphs
-  share one memory pool: they never run concurrently and each output is copied out before
-  the next replay. A unit that writes the slot pool is built on the inputs of the call it
-  serves, so its warm-up writes what the call writes.
+Modes (`UNITS_MODES`):
+
+* ``cuda-graphs``: the eager code captured as one `torch.cuda.CUDAGraph` per key and replayed:
+  one launch per unit. The captured kernels are eager's, so a replay computes what eager
+  computes on the same padded rows. Captured at start-up for the shapes known then, later
+  shapes on first use (a capture costs about two eager runs, its warm-up); all graphs share
+  one memory pool: they never run concurrently and each output is copied out before the next
+  replay. A unit that writes the slot pool is built on the inputs of the call it serves, so
+  its warm-up writes what the call writes.
 * ``compile``: inductor, at start-up only (on CPU about 10-25 s per unit): the head's whole
-  DDPM loop (`compiled_head.py`), the transformer's encoder and decoder per unit.
+  DDPM loop (`passes/head.py`, traced), the transformer's encoder and decoder per unit.
 * ``static``: the eager code on the padded static buffers, without capture: the units'
   bookkeeping on any device (what the CPU tests exercise), and a control for the padding cost.
-* ``auto``: ``graphs`` on CUDA where a unit measures faster than eager there, else eager.
+* ``auto``: ``cuda-graphs`` on CUDA where a unit measures faster than eager there, else eager.
 
 Pad rows are zeros (finite); every op is per row and pad keys get zero attention weight, so
 pad rows cannot change real ones. GEMM kernels chosen by row count may round differently
@@ -43,15 +49,15 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-GRAPH_MODES = ("off", "static", "compile", "graphs", "auto")
-UNIT_MODES = ("static", "compile", "graphs")
+UNITS_MODES = ("off", "static", "compile", "cuda-graphs", "auto")  # the `units` setting
+BUILT_MODES = ("static", "compile", "cuda-graphs")  # how a family's units are built
 
 
 def parse_buckets(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -69,7 +75,7 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int | None:
 
 
 @dataclass
-class GraphStats:
+class UnitStats:
     """What a family of units did: built at start-up and since, hits, and eager fallbacks."""
 
     mode: str
@@ -86,6 +92,40 @@ class GraphStats:
         return dict(self.__dict__)
 
 
+class Unit(Protocol):
+    """A family of units for one phase: `can_run` takes the eager pass's arguments and says
+    whether a unit serves them; `run` runs it and returns what the eager pass returns."""
+
+    stats: UnitStats
+
+    def can_run(self, *args: Any) -> bool: ...
+
+    def run(self, *args: Any) -> Any: ...
+
+
+@dataclass
+class DecodeUnits:
+    """The phases of a step that run as units; None: that phase runs eager."""
+
+    head: Unit | None = None  # `units.head.HeadUnits`
+    full: Unit | None = None  # `units.full.FullUnits`
+    lazy: Unit | None = None  # `units.lazy.LazyUnits`
+
+    def families(self) -> dict[str, Unit | None]:
+        return {"head": self.head, "full": self.full, "lazy": self.lazy}
+
+
+def run_phase(units: Unit | None, eager: Callable[..., T], *args: Any) -> T:
+    """The one place a phase runs as a unit or eager: a unit when one serves `args` (a hit),
+    else the eager pass (a miss, when the phase has units)."""
+    if units is not None:
+        if units.can_run(*args):
+            units.stats.hits += 1
+            return units.run(*args)
+        units.stats.misses += 1
+    return eager(*args)
+
+
 class Units:
     """What every family of units shares: its mode, stats, device and CUDA graph pool."""
 
@@ -93,13 +133,13 @@ class Units:
         self, mode: str, device: torch.device, buckets: Sequence[int], graph_pool=None
     ) -> None:
         """`graph_pool`: another family's CUDA graph pool to share (default: a new one)."""
-        if mode not in UNIT_MODES:
-            raise ValueError(f"unit mode must be one of {', '.join(UNIT_MODES)}: {mode!r}")
-        if mode == "graphs" and device.type != "cuda":
-            raise ValueError("mode 'graphs' needs a CUDA device")
+        if mode not in BUILT_MODES:
+            raise ValueError(f"unit mode must be one of {', '.join(BUILT_MODES)}: {mode!r}")
+        if mode == "cuda-graphs" and device.type != "cuda":
+            raise ValueError("mode 'cuda-graphs' needs a CUDA device")
         self.mode, self.device = mode, device
-        self.stats = GraphStats(mode, parse_buckets(buckets))
-        if graph_pool is None and mode == "graphs":
+        self.stats = UnitStats(mode, parse_buckets(buckets))
+        if graph_pool is None and mode == "cuda-graphs":
             graph_pool = torch.cuda.graph_pool_handle()
         self.graph_pool = graph_pool
 

@@ -1,12 +1,14 @@
-"""The diffusion head as one unit per (plan, guided, row bucket) (modes: `graphs.py`).
+"""The diffusion head as one unit per (plan, guided, token bucket): the twin of
+`passes/head.py` (modes: `units/common.py`).
 
 A head call is T diffusion steps of about 14 + 6 x depth small ops each (digits: 1,189 ops per
 AR step at batch 1, MAR-B 4,751). Once its plan (schedule, head-cache steps) is fixed, it is a
-pure function of five tensors (conditions z, x_T, noise, temperature, cfg): `HeadGraphs` pads
+pure function of five tensors (conditions z, x_T, noise, temperature, cfg): `HeadUnits` pads
 them into a bucket's static buffers (pad rows: zeros, cfg and temperature 1) and runs the
-eager sampler over them, captured as one CUDA graph ("graphs"), or the compiled whole loop
-("compile"). Graphs of the model's own plans are built at start-up; others (`turbo`'s
-annealed schedules, one per step count) are captured on first use, up to `max_units`.
+eager loop over them, captured as one CUDA graph ("cuda-graphs"), or the same loop traced
+and compiled ("compile"). Units of the model's own plans are built at start-up; others
+(`turbo`'s annealed schedules, one per step count) are captured on first use, up to
+`max_units`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.decode import head as head_sampling
-from engine.decode.compiled_head import compiled_loop
-from engine.decode.graphs import GRAPH_MODES, Units, bucket_for, compare, log
 from engine.decode.head import HeadPlan
+from engine.decode.passes import head as head_pass
+from engine.decode.units.common import Units, bucket_for
 from engine.model.diffloss import DiffLoss
 
 HEAD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # head rows (tokens) per call
@@ -54,8 +55,8 @@ class _Buffers:
         return self.z, self.x_T, noise, self.temperature, self.cfg
 
 
-class HeadGraphs(Units):
-    """A head sampler (`head.sample`'s signature) that runs each call as one unit."""
+class HeadUnits(Units):
+    """Runs head calls (`passes.head.sample`'s arguments) as units."""
 
     def __init__(
         self,
@@ -69,7 +70,16 @@ class HeadGraphs(Units):
         self._buffers: dict[tuple[bool, int], _Buffers] = {}
         self._units: dict[tuple, tuple[_Buffers, Callable[[], Tensor]]] = {}
 
-    def __call__(
+    def can_run(self, head: DiffLoss, plan: HeadPlan, z: Tensor, x_T: Tensor, *rest) -> bool:
+        """A unit exists for this call's (plan, guided, bucket), or may be built now (never
+        compiled while serving; at most `max_units`)."""
+        bucket = bucket_for(len(x_T), self.buckets)
+        if head is not self.head or bucket is None:
+            return False
+        key = (plan.key, rest[-1] is not None, bucket)
+        return key in self._units or (self.mode != "compile" and len(self._units) < self.max_units)
+
+    def run(
         self,
         head: DiffLoss,
         plan: HeadPlan,
@@ -79,19 +89,15 @@ class HeadGraphs(Units):
         temperature: Tensor,
         cfg: Tensor | None,
     ) -> Tensor:
+        """`passes.head.sample` of this call as a unit: x_0 (N, C)."""
         n, guided = len(x_T), cfg is not None
         bucket = bucket_for(n, self.buckets)
-        unit = None
-        if head is self.head and bucket is not None:
-            unit = self._units.get((plan.key, guided, bucket))
-            if unit is None and self.mode != "compile" and len(self._units) < self.max_units:
-                unit = self._build(plan, guided, bucket)  # on first use: cheap outside inductor
+        assert bucket is not None
+        unit = self._units.get((plan.key, guided, bucket))
         if unit is None:
-            self.stats.misses += 1
-            return head_sampling.sample(head, plan, z, x_T, step_noise, temperature, cfg)
+            unit = self._build(plan, guided, bucket)  # on first use: cheap outside inductor
         buffers, run = unit
         buffers.load(z, x_T, step_noise, temperature, cfg)
-        self.stats.hits += 1
         self.stats.padded_rows += bucket - n
         return run()[:n].clone()  # the next run overwrites its output
 
@@ -101,7 +107,7 @@ class HeadGraphs(Units):
         started = time.perf_counter()
         for bucket in reversed(self.buckets):
             for plan in plans:
-                if self.mode == "compile" and plan.full is not None:
+                if self.mode == "compile" and plan.mlp_steps is not None:
                     continue  # the head cache's plans stay eager under compile
                 for g in guided:
                     if (plan.key, g, bucket) not in self._units:
@@ -130,67 +136,28 @@ class HeadGraphs(Units):
         args = buffers.args(plan)
         with self.building():
             if self.mode == "compile":
-                loop = compiled_loop(self.head.net, plan, guided)
-                loop(*args)  # compiles now, not while serving
-                run = lambda: loop(*args)  # noqa: E731
+                run = compiled_loop(self.head, plan, guided, args)
             else:
-                run = self.runner(lambda: head_sampling.sample(self.head, plan, *args))
+                run = self.runner(lambda: head_pass.sample(self.head, plan, *args))
         self._units[(plan.key, guided, bucket)] = (buffers, run)
         return buffers, run
 
 
-def head_plans(head: DiffLoss, configs: Sequence) -> list[HeadPlan]:
-    """The plans worth building at start-up: each config's plan at step 0 when its head
-    schedule is constant (the same plan every step; annealed ones change per step)."""
-    plans: dict[tuple, HeadPlan] = {}
-    for config in configs:
-        if config.head.schedule != "constant":
-            continue
-        plan = head_sampling.HeadPolicy(config.head).plan(head, 0, 2)
-        plans.setdefault(plan.key, plan)
-    return list(plans.values())
+def compiled_loop(head: DiffLoss, plan: HeadPlan, guided: bool, args: tuple) -> Callable:
+    """The head's whole loop for `plan` (no head cache) through inductor, compiled now, not
+    while serving: the prologue (embeddings, the adaLN outputs in blocks, the scaled noise)
+    and T stamped copies of one traced step (`passes.head.traced_step`). The same maths as
+    eager; inductor fuses the elementwise ops, so results agree to rounding."""
+    if plan.mlp_steps is not None:
+        raise ValueError("the compiled loop covers plans without the head cache")
+    step = head_pass.traced_step(head.net, guided)
+    plan.schedule.step_terms(args[1].device)  # its constants, built outside the trace
 
+    def loop(z: Tensor, x_T: Tensor, noise: Tensor, temperature: Tensor, cfg) -> Tensor:
+        return head_pass.ddpm_loop(
+            head.net, plan.schedule, z, x_T, noise, temperature, cfg, traced_step=step
+        )
 
-def build_head(
-    head: DiffLoss,
-    mode: str,
-    buckets: str | Sequence[int],
-    configs: Sequence,
-    guided: Sequence[bool] = (True, False),
-) -> HeadGraphs | None:
-    """The head's units for `mode` (`graphs.GRAPH_MODES`), built for `configs`' plans; None
-    means eager. "auto" captures CUDA graphs and keeps them only if a guided call at the
-    smallest bucket measures faster than eager on this device; off the GPU it is eager
-    (inductor takes ~10-25 s per plan and bucket on CPU: a start-up cost, not a default)."""
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}: {mode!r}")
-    device = head.net.input_proj.weight.device
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        log.info("head: eager (graphs %s on %s)", mode, device.type)
-        return None
-    plans = head_plans(head, configs)
-    units = HeadGraphs(head, "graphs" if mode == "auto" else mode, buckets)
-    if mode == "auto":
-        eager_s, unit_s = measure(units, plans[0], units.buckets[0])
-        verdict = f"graphs {unit_s * 1e3:.2f} ms vs eager {eager_s * 1e3:.2f} ms per call"
-        log.info("head graphs auto: %s", verdict)
-        if unit_s >= eager_s:
-            return None
-        units.stats.note = f"auto: {verdict}"
-    units.warm(plans, guided)
-    return units
-
-
-def measure(units: HeadGraphs, plan: HeadPlan, rows: int) -> tuple[float, float]:
-    """Median seconds of one guided head call of `rows` rows: eager, then as a unit."""
-    net, dev = units.head.net, units.device
-    steps = units.head.gen_schedule.num_timesteps
-    z = torch.randn(2 * rows, net.cond_embed.in_features, device=dev)
-    x_T = torch.randn(rows, net.in_channels, device=dev)
-    noise = torch.randn(steps, rows, net.in_channels, device=dev)
-    temperature, cfg = torch.ones(rows, 1, device=dev), torch.full((rows, 1), 3.0, device=dev)
-    args = (units.head, plan, z, x_T, noise, temperature, cfg)
-    hits = units.stats.hits
-    result = compare(dev, lambda: head_sampling.sample(*args), lambda: units(*args))
-    units.stats.hits = hits  # measuring is not serving
-    return result
+    compiled = torch.compile(loop, dynamic=False, fullgraph=True, isolate_recompiles=True)
+    compiled(*args)
+    return lambda: compiled(*args)

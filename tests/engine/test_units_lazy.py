@@ -1,8 +1,8 @@
-"""MARché's lazy passes as units (`engine/decode/lazy_graphs.py`): positions computed on the
-device from a per-row plan and the slot's order, padded to buckets of rows, appended, known
+"""MARché's lazy passes as units (`engine/decode/units/lazy.py`): positions computed on the
+device from a per-call plan and the slot's order, padded to buckets of calls, appended, known
 and active tokens. Every MARché mode and knob equals eager, pad rows write nothing but the
 scratch row, what no unit serves runs eager and is counted, and nothing is compiled while
-serving. (Batch and pad independence: tests/engine/test_pass_graphs.py; CUDA: test_cuda.py.)"""
+serving. (Batch and pad independence: tests/engine/test_units_full.py; CUDA: test_cuda.py.)"""
 
 from __future__ import annotations
 
@@ -11,23 +11,23 @@ import gc
 import pytest
 import torch
 
-from engine.decode.graphs import Units
-from engine.decode.lazy_graphs import LazyGraphs, powers_of_two
 from engine.decode.marche import MarcheConfig
-from engine.decode.pass_graphs import PassGraphs
 from engine.decode.policy import PRESETS, make_policy
 from engine.decode.randomness import request_randomness
 from engine.decode.sampler import sample_tokens
 from engine.decode.step import StepEngine
+from engine.decode.units.build import transformer_units
+from engine.decode.units.common import Units
+from engine.decode.units.lazy import LazyUnits, powers_of_two
 from engine.model.config import SamplingParams
 from tests.engine.test_step import GUIDED, assert_same_image, drive, rng
 
 
 def run(model, policy, units, params=GUIDED):
-    cfg = model.cfg
-    randomness = request_randomness((1, 2), cfg.seq_len, cfg.token_embed_dim, 100, "cpu")
+    config = model.config
+    randomness = request_randomness((1, 2), config.seq_len, config.token_embed_dim, 100, "cpu")
     return sample_tokens(model, torch.tensor((3, 5)), [params] * 2, randomness, policy,
-                         pass_units=units)  # fmt: skip
+                         units=units)  # fmt: skip
 
 
 def lazy_steps(policy) -> int:
@@ -35,7 +35,7 @@ def lazy_steps(policy) -> int:
 
 
 def test_buckets_are_powers_of_two_up_to_the_sequence_and_the_slots(deep):
-    lazy = PassGraphs(deep, "static").lazy
+    lazy = transformer_units(deep, "static").lazy
     assert powers_of_two(6) == (1, 2, 4, 6) and powers_of_two(8) == (1, 2, 4, 8)
     assert lazy.appended == (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens appended per row
     assert lazy.actives == (*lazy.appended, 272)  # buffer 16 + 256 tokens
@@ -44,7 +44,7 @@ def test_buckets_are_powers_of_two_up_to_the_sequence_and_the_slots(deep):
 
 @pytest.mark.parametrize("mode", ["marche", "turbo"])
 def test_every_lazy_pass_as_a_unit_equals_eager(deep, mode):
-    units, policy = PassGraphs(deep, "static"), make_policy(mode)
+    units, policy = transformer_units(deep, "static"), make_policy(mode)
     tokens = run(deep, policy, units)
     assert_same_image(tokens, run(deep, make_policy(mode), None))
     assert units.lazy.stats.hits == lazy_steps(policy) > 0 and units.lazy.stats.misses == 0
@@ -62,7 +62,7 @@ def test_every_lazy_pass_as_a_unit_equals_eager(deep, mode):
     ],
 )
 def test_marche_knobs_under_lazy_units_equal_eager(deep, knobs, params):
-    units, policy = PassGraphs(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
+    units, policy = transformer_units(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
     tokens = run(deep, policy, units, params)
     assert_same_image(tokens, run(deep, make_policy("marche", MarcheConfig(**knobs)), None, params))
     assert units.lazy.stats.hits == lazy_steps(policy) > 0 and units.lazy.stats.misses == 0
@@ -70,7 +70,7 @@ def test_marche_knobs_under_lazy_units_equal_eager(deep, knobs, params):
 
 @pytest.mark.parametrize("knobs", [{"refresh": "random"}, {"encoder": "full"}])
 def test_ablations_no_unit_serves_run_eager_and_are_counted(deep, knobs):
-    units, policy = PassGraphs(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
+    units, policy = transformer_units(deep, "static"), make_policy("marche", MarcheConfig(**knobs))
     tokens = run(deep, policy, units)
     assert_same_image(tokens, run(deep, make_policy("marche", MarcheConfig(**knobs)), None))
     assert units.lazy.stats.hits == 0 and units.lazy.stats.misses == lazy_steps(policy) > 0
@@ -78,9 +78,9 @@ def test_ablations_no_unit_serves_run_eager_and_are_counted(deep, knobs):
 
 def test_pad_rows_write_only_the_scratch_row(deep):
     """Three images fill the pool; one more lazy step of one of them (2 rows, padded to a
-    4-row bucket) changes its own pool rows and the scratch row, nobody else's."""
-    units = PassGraphs(deep, "static", buckets=(4, 8))
-    engine = StepEngine(deep, 3, pass_units=units)
+    4-row bucket) changes its own cache rows and the scratch row, nobody else's."""
+    units = transformer_units(deep, "static", buckets=(4, 8))
+    engine = StepEngine(deep, 3, units=units)
     rows = [engine.admit(c, GUIDED, PRESETS["marche"], rng(deep, c)) for c in (1, 2, 3)]
     engine.step(rows)  # a full step: every cache filled
     pool = engine.pool
@@ -88,7 +88,7 @@ def test_pad_rows_write_only_the_scratch_row(deep):
     tokens = pool.tokens.clone()
     engine.step(rows[1:2])  # lazy
     assert (units.lazy.stats.hits, units.lazy.stats.padded_rows) == (1, 2)
-    ours = [pool.twin(rows[1].slot, half) for half in (0, 1)]
+    ours = [pool.cache_row(rows[1].slot, half) for half in (0, 1)]
     others = [r for r in range(2 * pool.capacity) if r not in ours]
     for name, buffer in pool.buffers.items():
         if name != "diff":  # the condition cache's, per image slot (not written when lazy)
@@ -98,7 +98,7 @@ def test_pad_rows_write_only_the_scratch_row(deep):
 
 
 def test_units_past_the_cap_are_not_built_and_their_passes_run_eager(deep):
-    units, policy = PassGraphs(deep, "static"), make_policy("marche")
+    units, policy = transformer_units(deep, "static"), make_policy("marche")
     units.lazy.max_units = 2  # one lazy pass's append and decoder units
     assert_same_image(run(deep, policy, units), run(deep, make_policy("marche"), None))
     stats = units.lazy.stats
@@ -113,8 +113,11 @@ def test_units_past_the_cap_are_not_built_and_their_passes_run_eager(deep):
 def test_lazy_units_are_never_compiled_while_serving(deep):
     """Under "compile" a lazy pass needs units bound to the serving pool, which do not exist
     at start-up: it runs eager (counted), nothing is compiled."""
-    units, policy = PassGraphs(deep, "compile", buckets=(4,), lengths=(256,)), make_policy("marche")
-    assert isinstance(units.lazy, LazyGraphs)
+    units, policy = (
+        transformer_units(deep, "compile", buckets=(4,), lengths=(256,)),
+        make_policy("marche"),
+    )
+    assert isinstance(units.lazy, LazyUnits)
     assert_same_image(run(deep, policy, units), run(deep, make_policy("marche"), None))
     assert units.lazy.stats.built == 0 and units.lazy.stats.misses == lazy_steps(policy) > 0
 
@@ -132,7 +135,7 @@ def test_units_built_mid_run_warm_up_on_the_call_they_serve(deep, mode, monkeypa
         return fn
 
     def two_images(units) -> torch.Tensor:
-        engine = StepEngine(deep, 2, pass_units=units)
+        engine = StepEngine(deep, 2, units=units)
         a = engine.admit(3, GUIDED, PRESETS[mode], rng(deep, 1))
         engine.step([a])
         b = engine.admit(5, SamplingParams(16, cfg=3.0), PRESETS[mode], rng(deep, 2))
@@ -141,6 +144,6 @@ def test_units_built_mid_run_warm_up_on_the_call_they_serve(deep, mode, monkeypa
 
     expected = two_images(None)
     monkeypatch.setattr(Units, "runner", warmed_up)
-    units = PassGraphs(deep, "static", lengths=range(8, 257, 8))
+    units = transformer_units(deep, "static", lengths=range(8, 257, 8))
     assert_same_image(two_images(units), expected)
-    assert units.lazy.stats.hits > 0 and units.stats.hits > 0
+    assert units.lazy.stats.hits > 0 and units.full.stats.hits > 0
