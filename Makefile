@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ screenshot: install  ## docs/web.png: the web page after a compare run (needs ch
 
 test: install  ## the whole test suite (CPU; ~10 min on 2 cores)
 	$(BIN)/python -m pytest -q
+
+# The Dockerfile built and run with podman on a machine with no Docker engine and no image
+# registry (deploy/README.md): a debootstrap stand-in for its base, this machine's CPU torch
+# wheel and CA bundle as build arguments; cached between runs.
+image:  ## the image (marche-serve:latest) and the stand-ins it needs; prints its size and build time
+	scripts/image.sh build
+
+image-test: install image  ## the image's compose stack on the CPU (serve + Prometheus), checked from outside
+	MARCHE_IMAGE=marche-serve:latest CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf \
+		$(BIN)/python -m pytest -q tests/image
 
 fuzz: install  ## schemathesis against the app's OpenAPI, 3000 examples per operation (CI: 300)
 	MARCHE_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/service/test_fuzz.py

@@ -132,7 +132,12 @@ class MarcheEngine:
             yield Failure(exc, self.replica)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512)
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=512,
+    graceful_shutdown_timeout_s=120,  # waits for the engine's answers to what it accepted
+)
 @serve.ingress()
 class Ingress:
     def __init__(self, engine: DeploymentHandle) -> None:

@@ -131,6 +131,10 @@ def run(
         log.warning("serving on http://%s:%d, Ray metrics on :%d", host, port, metrics_port)
         stop.wait()
         log.warning("shutting down: Serve drains its replicas, then Ray stops")
+        # The application first, while the proxy still runs: its replicas finish what they
+        # accepted (up to graceful_shutdown_timeout_s) and the answers reach their clients.
+        # serve.shutdown() alone stops the proxy at once and cuts those connections.
+        serve.delete(application_spec.get("name", "marche"))
     finally:
         serve.shutdown()
         ray.shutdown()  # a cluster started elsewhere: only disconnects
