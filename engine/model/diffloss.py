@@ -133,10 +133,25 @@ class SimpleMLPAdaLN(nn.Module):
         for the final layer; `gates_only` (the head cache's lazy steps): each res block's gate,
         then the final layer's two. One SiLU and one matmul per layer for the whole block of
         steps (the 1 of 1 + scale rides in the bias); the pieces are views, no copy."""
-        width = self.input_proj.out_features
-        act = torch.nn.functional.silu(y)
-        blk = y.shape[0]
+        width, blk = self.input_proj.out_features, y.shape[0]
         per_layer: list[list[tuple[Tensor, ...]]] = []
+        for out in self._adaln_outputs(y, gates_only):  # (blk, R, kW)
+            out = out.view(blk, out.shape[1], -1, width)  # (blk, R, k, W)
+            per_layer.append([p.unbind(0) for p in out.permute(2, 0, 1, 3).unbind(0)])  # [k][blk]
+        return [[piece[j] for layer in per_layer for piece in layer] for j in range(blk)]
+
+    def packed_modulations(self, y: Tensor) -> Tensor:
+        """`modulation_pieces(y)` as one tensor (blk, R, modulation_width) per block of steps
+        (for a traced step, whose inputs may not alias: `unpack_modulations` views it)."""
+        return torch.cat(self._adaln_outputs(y), dim=-1)
+
+    def _adaln_outputs(self, y: Tensor, gates_only: bool = False) -> list[Tensor]:
+        """Every layer's adaLN output for y (blk, R, W), (blk, R, kW) each: one SiLU, then one
+        matmul per layer, the 1 of 1 + scale in its bias; `gates_only`: each res block's gate
+        (k = 1), the final layer's shift and scale in full."""
+        width = self.input_proj.out_features
+        act = F.silu(y)
+        outs = []
         for layer in [*self.res_blocks, self.final_layer]:
             linear = layer.adaLN_modulation[-1]
             weight, bias = linear.weight, linear.bias
@@ -144,25 +159,8 @@ class SimpleMLPAdaLN(nn.Module):
                 weight, bias = weight[2 * width :], bias[2 * width :]  # the gate only
             else:  # (shift, scale[, gate]): scale + 1
                 bias = scale_plus_one(bias, width)
-            k = weight.shape[0] // width
-            out = F.linear(act, weight, bias).view(blk, -1, k, width)  # (blk, R, k, W)
-            per_layer.append([p.unbind(0) for p in out.permute(2, 0, 1, 3).unbind(0)])  # [k][blk]
-        return [[piece[j] for layer in per_layer for piece in layer] for j in range(blk)]
-
-    def packed_modulations(self, y: Tensor) -> Tensor:
-        """`modulation_pieces(y)` as one tensor (blk, R, modulation_width) per block of steps
-        (for a traced step, whose inputs may not alias: `unpack_modulations` views it)."""
-        act = torch.nn.functional.silu(y)
-        width = self.input_proj.out_features
-        layers = [*self.res_blocks, self.final_layer]
-        return torch.cat(
-            [
-                F.linear(act, layer.adaLN_modulation[-1].weight,
-                         scale_plus_one(layer.adaLN_modulation[-1].bias, width))
-                for layer in layers
-            ],
-            dim=-1,
-        )  # fmt: skip
+            outs.append(F.linear(act, weight, bias))
+        return outs
 
     def unpack_modulations(self, mods: Tensor) -> list[Tensor]:
         """One step's packed modulations (R, modulation_width) -> `forward_lean`'s pieces."""

@@ -78,7 +78,7 @@ def ddpm_loop(
     weights = net.lean_weights()
     order = tuple(reversed(range(num_t)))  # diffusion index i takes draw T-1-i
     whole = order if mlp_steps is None else tuple(i for i in order if i in mlp_steps)
-    cached = tuple(i for i in order if i not in whole) if mlp_steps is not None else ()
+    cached = () if mlp_steps is None else tuple(i for i in order if i not in mlp_steps)
     if cached and (order[0] not in whole or traced_step is not None):
         raise ValueError("the head cache needs the noisiest step whole, and is not traced")
     packed = traced_step is not None  # a traced step takes one tensor, not aliasing views

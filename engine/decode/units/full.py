@@ -103,11 +103,10 @@ class FullUnits(Units):
     ) -> bool:
         """Buckets hold the calls, and their unit exists or may be built now (refill units are
         built on first use, but never compiled while serving)."""
-        sizes = self._sizes(calls)
-        if model is not self.model or sizes is None:
+        if model is not self.model:
             return False
-        key, units, _ = self._key(pool, calls, *sizes)
-        return key in units or self.mode != "compile"
+        plan = self._plan(pool, calls)
+        return plan is not None and (plan[2] in plan[3] or self.mode != "compile")
 
     def run(
         self,
@@ -117,10 +116,9 @@ class FullUnits(Units):
         timer: PhaseTimer | NullTimer = NULL_TIMER,
     ) -> PassOutput:
         """`passes.full.full_pass` of `calls` as units."""
-        sizes = self._sizes(calls)
-        assert sizes is not None
-        rows, length = sizes
-        key, units, fill = self._key(pool, calls, rows, length)
+        plan = self._plan(pool, calls)
+        assert plan is not None
+        rows, length, key, units, fill = plan
         buffers = self._buffers_for(rows, length)
         known = [c.known for c in calls]
         buffers.load(tokens_of(pool, calls), known, class_embedding(model, calls),
@@ -137,20 +135,20 @@ class FullUnits(Units):
             hidden = decoder()[: len(calls)].clone()  # (G, L, D): the next run overwrites it
         return full_output(model, calls, hidden, fill is not None and fill.encoder)
 
-    def _sizes(self, calls: list[Call]) -> tuple[int, int] | None:
-        """(call bucket, known-token bucket), or None above the largest."""
+    def _plan(self, pool: SlotPool, calls: list[Call]) -> tuple | None:
+        """The pass's (call bucket, known-token bucket), its unit's key, the units it lives
+        among (bound to `pool` when it fills caches) and what it fills; None above the
+        largest buckets."""
         rows = bucket_for(len(calls), self.buckets)
         length = bucket_for(max(1, max(len(c.known) for c in calls)), self.lengths)
-        return None if rows is None or length is None else (rows, length)
-
-    def _key(self, pool: SlotPool, calls: list[Call], rows: int, length: int):
-        """The unit's key, the units it lives among (bound to `pool` when it fills caches),
-        and what it fills."""
+        if rows is None or length is None:
+            return None
         encoder, decoder_from = fills(self.model, calls)
         if not encoder and decoder_from == len(self.model.decoder_blocks):
-            return (rows, length), self._units, None
+            return rows, length, (rows, length), self._units, None
         fill = Fill(pool, [c.cache_row for c in calls], encoder, decoder_from)
-        return (rows, length, encoder, decoder_from), self._fills.setdefault(pool, {}), fill
+        key = (rows, length, encoder, decoder_from)
+        return rows, length, key, self._fills.setdefault(pool, {}), fill
 
     @property
     def bound_pools(self) -> int:

@@ -90,6 +90,7 @@ class LazyUnits(Units):
         self.appended = powers_of_two(config.seq_len)  # tokens a call appends to its encoder cache
         self.actives = powers_of_two(self.num_slots)  # tokens through the late layers
         self._plans: dict[int, Tensor] = {}  # rows -> (rows, 7) CallPlans on the device
+        self._planned: tuple | None = None  # (calls, their plans and buckets) from can_run
         self._enc: dict[tuple[int, int], Tensor] = {}  # (rows, known) -> encoder outputs
         self._units: weakref.WeakKeyDictionary[SlotPool, dict] = weakref.WeakKeyDictionary()
 
@@ -106,7 +107,8 @@ class LazyUnits(Units):
         served = model is self.model and config.encoder == "cache" and config.refresh != "random"
         if not served:
             return False
-        sizes = self._sizes(pool, config, calls)[1]
+        self._planned = (calls, self._sizes(pool, config, calls))  # for the run that follows
+        sizes = self._planned[1][1]
         return None not in sizes and self._can_build(pool, config, *sizes)
 
     def run(
@@ -120,7 +122,11 @@ class LazyUnits(Units):
         """`passes.lazy.lazy_pass` of `calls` (positions cut from their slot's order as the
         step engine cuts them) as units."""
         buf = model.config.buffer_size
-        plan, sizes = self._sizes(pool, config, calls)
+        planned, self._planned = self._planned, None
+        # `run_phase` hands can_run and run the same list: its plan is made once (on a CPU,
+        # ~1 ms for 256 calls)
+        fresh = planned is None or planned[0] is not calls
+        plan, sizes = self._sizes(pool, config, calls) if fresh else planned[1]
         rows = sizes[0]
         pad = CallPlan(0, pool.scratch, known=1, generating=1, caching=0, start=buf, refresh=0)
         values = [v for p in plan + [pad] * (rows - len(plan)) for v in p]
