@@ -24,8 +24,6 @@ from service.settings import ServiceSettings
 
 TIMEOUT_HEADER = "x-request-timeout-seconds"
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
-ROUTES = {"/generate": "generate", "/generate/stream": "stream",
-          "/v1/images/generations": "openai"}  # fmt: skip  # path -> the metrics' route label
 log = logging.getLogger("marche.app")
 
 

@@ -1,9 +1,8 @@
-"""Request guards shared by every route: the body check in front of the app, and what an
-error may echo of its input."""
+"""Request guards shared by every route: the body check in front of the app (415, 413), and
+`invalid`, the 422 a route raises for a field it refuses."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -63,35 +62,3 @@ class BodyGuard:
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         detail = f"request body over {self.limit} bytes"
         await error_answer(scope["path"], 413, detail)(scope, receive, send)
-
-
-ECHO_CHARS, ECHO_ITEMS = 64, 8  # what a 422 echoes of an input at most
-
-
-def json_safe(value: Any, depth: int = 0) -> Any:
-    """Errors echo the input, briefly: non-finite floats and other non-JSON values become
-    strings; long strings and large or deep containers are cut (never echo a big input)."""
-    if isinstance(value, dict):
-        if depth > 3:
-            return f"<object of {len(value)} keys>"
-        items = list(value.items())
-        out = {str(k)[:ECHO_CHARS]: json_safe(v, depth + 1) for k, v in items[:ECHO_ITEMS]}
-        if len(items) > ECHO_ITEMS:
-            out["..."] = f"{len(items) - ECHO_ITEMS} more keys"
-        return out
-    if isinstance(value, list | tuple):
-        if depth > 3:
-            return f"<array of {len(value)} items>"
-        out_list = [json_safe(v, depth + 1) for v in value[:ECHO_ITEMS]]
-        if len(value) > ECHO_ITEMS:
-            out_list.append(f"... {len(value) - ECHO_ITEMS} more items")
-        return out_list
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str) and len(value) > ECHO_CHARS:
-        return f"{value[:ECHO_CHARS]}... ({len(value)} chars)"
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return json_safe(str(value), depth)
