@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from engine.pipeline import MODELS
-from service.core.jobs import MAX_IMAGES, Job
+from service.core.jobs import Job
+from service.core.policies import make_policy, pool_rows
 
 
 @dataclass(eq=False)
@@ -43,8 +44,8 @@ class FlatRows:
     def step_s(self, rows: int) -> float:
         return self.base_s + self.per_row_s * max(0, rows - 1)
 
-    def admit(self, job: Job) -> list[FlatRow]:
-        return [FlatRow(job.params.num_iter) for _ in job.seeds]
+    def admit(self, job: Job, images: Sequence[int]) -> list[FlatRow]:
+        return [FlatRow(job.params.num_iter) for _ in images]
 
     def step(self, rows: Sequence[FlatRow]) -> None:
         time.sleep(self.step_s(len(rows)))
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()  # MARCHE_* as for `marche serve` (the loadbench sets them)
-    capacity = max(settings.max_batch_size, MAX_IMAGES)
+    policy = make_policy(settings.scheduling_policy, settings.aging_s)
+    capacity = pool_rows(settings.max_batch_size, policy, settings.pause_rows)
     rows: Any = FlatRows(capacity, args.base_ms / 1000, args.per_row_ms / 1000,
                          image_shape(settings.model))  # fmt: skip
     app = build_app(settings, rows=rows)

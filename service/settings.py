@@ -44,6 +44,13 @@ class ServiceSettings(BaseSettings):
     # the engine worker
     scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches
     max_batch_size: int = Field(16, ge=1, description="images per batch")
+    # continuous: who runs each step (service/core/policies.py, docs/SERVING.md#fairness)
+    scheduling_policy: Literal["fifo", "fair", "deadline"] = "fair"
+    pause_rows: int | None = Field(
+        None, ge=0, description="pool slots for paused rows beyond max_batch_size "
+        "(default: max_batch_size; fifo: 0, it never pauses)")  # fmt: skip
+    aging_s: float = Field(10.0, gt=0, description="deadline: a waiting request's priority "
+                           "improves by one every aging_s seconds")  # fmt: skip
     max_wait_ms: float = Field(10.0, ge=0, description="static: how long a batch waits to fill")
     queue_size: int = Field(64, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request")

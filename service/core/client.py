@@ -70,6 +70,7 @@ def model_info(pipeline: Pipeline, settings: ServiceSettings) -> dict[str, Any]:
         "marche": settings.marche_config().__dict__,
         "batching": {
             "scheduler": settings.scheduler,
+            "scheduling_policy": settings.scheduling_policy,
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size,
@@ -141,6 +142,9 @@ class LocalEngineClient:
             scheduler=settings.scheduler,
             retry_after_s=settings.retry_after_s,
             rows=rows,
+            policy=settings.scheduling_policy,
+            pause_rows=settings.pause_rows,
+            aging_s=settings.aging_s,
         )
         self._info = model_info(self.pipeline, settings)
 

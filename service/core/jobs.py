@@ -65,19 +65,23 @@ class Job:
     mode: str
     deadline: float  # time.monotonic() after which the job is dropped
     request_id: str = ""
+    tenant: str = ""  # the fairness key above requests (a hashed API key, or OpenAI's `user`)
+    priority: int = 0  # lower runs first under the deadline policy (vLLM's convention)
     # called from the worker thread with progress/preview events (streaming requests)
     on_event: Callable[[dict[str, Any]], None] | None = None
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancel_reason: str | None = None
-    started_at: float | None = None  # when its first step began (continuous)
-    steps_done: int = 0  # decoding steps its images have taken
+    started_at: float | None = None  # when its first image was admitted (continuous)
+    image_steps_done: int = 0  # decoding steps taken, summed over its images
+    admitted: int = 0  # continuous: its images admitted so far (seeds[:admitted])
+    images: dict[int, np.ndarray] = field(default_factory=dict)  # finished, by image index
     closed: bool = False  # answered or dropped (counted once, whatever the future's state)
 
     @property
     def work_left(self) -> int:
         """Image-steps still to run: images × steps not yet taken (the unit of engine work)."""
-        return len(self.seeds) * max(0, self.params.num_iter - self.steps_done)
+        return max(0, len(self.seeds) * self.params.num_iter - self.image_steps_done)
 
     @property
     def key(self) -> tuple[int, str]:

@@ -112,9 +112,9 @@ class JobQueue:
             return sum(j.work_left for j in self.waiting) + sum(j.work_left for j in self.running)
 
     def rows_in_use(self) -> int:
-        """Images of the running jobs (each holds a row of the engine's batch)."""
+        """Rows the running jobs hold in the engine's pool (static: their images)."""
         with self.cond:
-            return sum(len(j.seeds) for j in self.running)
+            return sum(len(j.seeds) if r is None else len(r) for j, r in self.running.items())
 
     def expected_wait_s(self, image_steps: int | None = None) -> float | None:
         """Seconds a request accepted now would wait for the work ahead of it (the module's

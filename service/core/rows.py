@@ -24,8 +24,9 @@ class RowEngine(Protocol):
 
     capacity: int  # rows that fit at once
 
-    def admit(self, job: Job) -> list[Any]:
-        """One new row per image of `job` (at its step 0)."""
+    def admit(self, job: Job, images: Sequence[int]) -> list[Any]:
+        """One new row (at its step 0) per image of `job` in `images` (indices into
+        `job.seeds`), each in a slot of its own."""
         ...
 
     def step(self, rows: Sequence[Any]) -> None:
@@ -60,11 +61,11 @@ class PipelineRows:
         self.pipeline, self.capacity, self.marche = pipeline, capacity, marche
         self.engine = pipeline.step_engine(capacity)
 
-    def admit(self, job: Job) -> list[Any]:
+    def admit(self, job: Job, images: Sequence[int]) -> list[Any]:
         config = preset(job.mode, self.marche)
         return [
-            self.pipeline.admit(self.engine, job.class_id, seed, job.params, config)
-            for seed in job.seeds
+            self.pipeline.admit(self.engine, job.class_id, job.seeds[i], job.params, config)
+            for i in images
         ]
 
     def step(self, rows: Sequence[Any]) -> None:

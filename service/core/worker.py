@@ -5,9 +5,11 @@ they never touch the model. The worker thread runs one of two schedulers
 (`service.core.scheduler`):
 
 * `continuous` (default): step-level batching. At every step boundary finished and
-  cancelled rows leave the running batch and waiting requests join it (FIFO, up to
-  `max_batch_size` images); rows at different steps, with different steps counts, cfg,
-  classes and modes share every step, each keeping its own caches in the engine's slot pool;
+  cancelled rows leave the running batch, and a scheduling policy (fair, fifo or deadline:
+  `service.core.policies`) chooses the rows of the next step, up to `max_batch_size`,
+  admitting waiting requests and pausing rows that must wait (they keep their slots); rows
+  at different steps, with different steps counts, cfg, classes and modes share every step,
+  each keeping its own caches in the engine's slot pool;
 * `static`: run-to-completion batches of compatible jobs (same steps and mode).
 
 Either way, jobs whose client went away or whose deadline passed leave between steps (batch
@@ -27,10 +29,12 @@ from concurrent.futures import Future
 from engine.decode.marche import MarcheConfig
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
-from service.core.jobs import MAX_IMAGES, EngineError, Job, JobCancelled, JobResult, QueueFull
+from service.core.jobs import EngineError, Job, JobCancelled, JobResult, QueueFull
+from service.core.policies import make_policy, pool_rows
 from service.core.queue import JobQueue
 from service.core.rows import PipelineRows, RowEngine
-from service.core.scheduler import ContinuousScheduler, StaticScheduler
+from service.core.scheduler import ContinuousScheduler
+from service.core.static import StaticScheduler
 from service.metrics import Metrics
 
 __all__ = ["EngineError", "EngineWorker", "Job", "JobCancelled", "JobResult", "QueueFull"]
@@ -56,6 +60,9 @@ class EngineWorker:
         retry_after_s: int = 1,
         idle_trim_s: float = 1.0,
         warmup_params: SamplingParams | None = None,
+        policy: str = "fair",
+        pause_rows: int | None = None,
+        aging_s: float = 10.0,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
@@ -77,9 +84,10 @@ class EngineWorker:
         if scheduler == "static":
             self._scheduler = StaticScheduler(self.queue, pipeline, self.marche, preview_every)
         else:
-            capacity = max(max_batch_size, MAX_IMAGES)  # any single request fits
+            chooser = make_policy(policy, aging_s)
+            capacity = pool_rows(max_batch_size, chooser, pause_rows)
             rows = rows or PipelineRows(pipeline, capacity, self.marche)
-            self._scheduler = ContinuousScheduler(self.queue, rows, preview_every)
+            self._scheduler = ContinuousScheduler(self.queue, rows, preview_every, chooser)
         self._thread: threading.Thread | None = None
 
     # -- the HTTP side (any thread) --------------------------------------------------------------

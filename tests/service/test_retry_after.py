@@ -40,7 +40,7 @@ def test_the_queue_counts_work_in_image_steps_and_estimates_the_wait():
     queue = JobQueue(queue_size=2, max_batch_size=4, max_wait_s=0.0, retry_after_s=1)
     assert queue.expected_wait_s() is None and queue.retry_after_s() == 1  # nothing timed yet
     running, waiting = job(4, 32), job(2, 16)
-    running.steps_done = 8
+    running.image_steps_done = 4 * 8
     queue.running[running] = None
     queue.submit(waiting)
     assert queue.image_steps() == 4 * (32 - 8) + 2 * 16  # 128 image-steps ahead

@@ -1,5 +1,6 @@
-"""The continuous scheduler with a fake engine: admission order, slot reuse, cancellation
-mid-run, deadlines, a failing step failing only its rows, occupancy metrics."""
+"""The continuous scheduler with a fake engine: fifo's admission order, slot reuse,
+cancellation mid-run, deadlines, a failing step failing only its rows, occupancy metrics
+(every policy where it applies; the policies' own behaviour: test_policies.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine.model.config import SamplingParams
+from service.core.policies import POLICIES
 from service.core.worker import EngineError, EngineWorker, Job, JobCancelled
 from service.metrics import Metrics, PrometheusBackend
 from tests.service.test_api import metric_value
@@ -37,11 +39,11 @@ class FakeRows:
         self.gate: threading.Event | None = None
         self.delay = 0.0  # seconds per step
 
-    def admit(self, job: Job) -> list[FakeRow]:
+    def admit(self, job: Job, images) -> list[FakeRow]:
         self.admitted.append(job.class_id)
-        self.live += len(job.seeds)
+        self.live += len(images)
         assert self.live <= self.capacity, "admitted past the pool"
-        return [FakeRow(job, seed, job.params.num_iter) for seed in job.seeds]
+        return [FakeRow(job, job.seeds[i], job.params.num_iter) for i in images]
 
     def step(self, rows) -> None:
         if self.gate is not None:
@@ -77,11 +79,15 @@ def job(class_id: int, seeds: list[int], steps: int = 3, timeout: float = 30, **
     return Job(class_id, seeds, params, "marche", time.monotonic() + timeout, **kw)
 
 
-@pytest.fixture
-def fake():
-    rows = FakeRows()
+@pytest.fixture(params=["fifo"])
+def fake(request):
+    """A worker on 4 fake rows per step; fifo unless parametrized (`indirect`) with another
+    policy, which gets 4 more slots for paused rows."""
+    policy = request.param
+    rows = FakeRows(capacity=4 if policy == "fifo" else 8)
     backend = PrometheusBackend()
-    worker = EngineWorker(None, rows=rows, max_batch_size=4, metrics=Metrics(backend, "fake"))
+    worker = EngineWorker(None, rows=rows, max_batch_size=4, metrics=Metrics(backend, "fake"),
+                          policy=policy)  # fmt: skip
     worker.start(warmup=False)
     yield worker, rows, backend
     if rows.gate is not None:
@@ -89,7 +95,7 @@ def fake():
     worker.stop(5)
 
 
-def test_requests_join_at_step_boundaries_in_fifo_order(fake):
+def test_fifo_requests_join_at_step_boundaries_in_arrival_order(fake):
     worker, rows, backend = fake
     rows.gate = threading.Event()
     first = job(1, [10], steps=4)
@@ -112,7 +118,7 @@ def test_requests_join_at_step_boundaries_in_fifo_order(fake):
     assert rows.live == 0 and worker.counts() == (0, 0)
 
 
-def test_a_large_request_is_not_starved_by_small_ones(fake):
+def test_fifo_a_large_request_is_not_starved_by_small_ones(fake):
     worker, rows, _ = fake
     rows.gate = threading.Event()
     worker.submit(job(1, [0, 1, 2], steps=3))
@@ -129,6 +135,7 @@ def test_a_large_request_is_not_starved_by_small_ones(fake):
     assert rows.admitted == [1, 2, 3, 4, 5]  # the small ones did not overtake it
 
 
+@pytest.mark.parametrize("fake", POLICIES, indirect=True)
 def test_cancel_mid_run_frees_the_rows_before_the_next_step(fake):
     worker, rows, backend = fake
     victim = job(1, [0, 1], steps=6)
@@ -151,6 +158,7 @@ def test_cancel_mid_run_frees_the_rows_before_the_next_step(fake):
     assert rows.live == 0
 
 
+@pytest.mark.parametrize("fake", POLICIES, indirect=True)
 def test_a_deadline_drops_a_running_request(fake):
     worker, rows, backend = fake
     rows.delay = 0.02
@@ -168,6 +176,7 @@ def test_a_deadline_drops_a_running_request(fake):
     assert metric_value(text, "marche_cancellations_total", reason="deadline") == 1
 
 
+@pytest.mark.parametrize("fake", POLICIES, indirect=True)
 def test_a_failing_step_fails_only_the_requests_in_it(fake):
     worker, rows, _ = fake
     rows.fail_when = lambda batch: any(r.job.class_id == 9 for r in batch)
@@ -184,7 +193,7 @@ def test_a_failing_step_fails_only_the_requests_in_it(fake):
     assert after.closed and rows.live == 0 and worker.alive
 
 
-def test_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fake):
+def test_fifo_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fake):
     worker, rows, _ = fake
     too_big = job(1, [0, 1, 2, 3, 4])  # 5 images, 4 rows
     after = job(2, [3])
@@ -198,7 +207,7 @@ def test_a_request_larger_than_the_engine_fails_instead_of_blocking_the_queue(fa
 def test_an_idle_engine_trims_the_heap_once_after_work(monkeypatch):
     trims: list[float] = []
     monkeypatch.setattr("service.core.queue.trim_heap", lambda: trims.append(time.monotonic()))
-    worker = EngineWorker(None, rows=FakeRows(), max_batch_size=4, idle_trim_s=0.05)
+    worker = EngineWorker(None, rows=FakeRows(8), max_batch_size=4, idle_trim_s=0.05)
     worker.start(warmup=False)
     try:
         time.sleep(0.2)

@@ -8,12 +8,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.servers import serve
 
 
-def test_sigterm_drains_the_queue_at_once_and_exits_within_the_grace_period():
-    with serve(max_batch_size="1", shutdown_grace_s="20") as (url, proc):
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
+def test_sigterm_drains_the_queue_at_once_and_exits_within_the_grace_period(policy):
+    """One row and no room for paused ones (fair: pause_rows 0): one request runs, three
+    wait."""
+    settings = {"scheduling_policy": policy, "pause_rows": "0"}
+    with serve(max_batch_size="1", shutdown_grace_s="20", **settings) as (url, proc):
         body = {"class_id": 1, "steps": 256}  # seconds even at ~17 ms a step: still running
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(httpx.post, url + "/generate", json=body, timeout=60)

@@ -147,3 +147,39 @@ def test_the_service_loads_the_model_off_the_long_lived_threads(monkeypatch):
     monkeypatch.setattr(engine_client, "_load", fail)
     with pytest.raises(ValueError, match="no such checkpoint"):  # raised on the caller's thread
         engine_client.load_pipeline(ServiceSettings(device="cpu"))
+
+
+@pytest.mark.parametrize("policy", ["fair", "deadline"])
+@pytest.mark.parametrize("mode", ["mar", "marche", "turbo"])
+def test_a_paused_image_is_bit_identical_to_the_image_never_paused(pipeline, mode, policy):
+    """The real digits engine, one row a step: our request runs alone, then again while
+    another shares the rows (fair: they alternate; deadline: a higher priority one arrives
+    at our step 3 and runs first). Paused for half its steps or for a whole other run, it
+    keeps its slot, caches and generator: the same bytes."""
+    params = SamplingParams(num_iter=10, cfg=2.5)
+    worker, _ = started_worker(pipeline, max_batch_size=1, policy=policy)
+    try:
+        alone = job(7, [42], params, mode=mode)
+        worker.submit(alone)
+        expected = alone.future.result(60).images
+        order: list[str] = []
+        ours = job(7, [42], params, mode=mode, priority=1)
+        other = job(3, [5], SamplingParams(num_iter=6, cfg=1.0), mode="turbo", priority=0)
+        ours.on_event = lambda e: order.append("ours")
+        other.on_event = lambda e: order.append("other")
+        if policy == "deadline":  # the other request arrives at our step 3
+            ours.on_event = lambda e: (order.append("ours"),
+                                       e["step"] == 3 and worker.submit(other))  # fmt: skip
+            worker.submit(ours)
+        else:
+            worker.submit(ours)
+            worker.submit(other)
+        result = ours.future.result(60)
+        other.future.result(60)
+        assert np.array_equal(result.images, expected)
+        first = order.index("other")
+        assert "ours" in order[first:] and first > 0  # paused in the middle, then resumed
+        if policy == "deadline":
+            assert order == ["ours"] * 3 + ["other"] * 6 + ["ours"] * 7
+    finally:
+        worker.stop()

@@ -95,8 +95,9 @@ def keyed_server() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def busy_server() -> Iterator[str]:
-    """One image at a time and one request waiting at most: a third request gets 503."""
-    with LiveServer(api_key=None, max_batch_size=1, queue_size=1) as live:
+    """One image at a time, no room for paused ones, and one request waiting at most: a third
+    request gets 503."""
+    with LiveServer(api_key=None, max_batch_size=1, pause_rows=0, queue_size=1) as live:
         yield live.url
 
 

@@ -1,0 +1,188 @@
+"""Who runs in the next step: the schedule phase's policies.
+
+At every step boundary the continuous scheduler describes each request to its policy as a
+`Claim` (rows it holds in the pool, images not admitted yet) and asks for an **allotment**:
+how many rows each request runs in this step. A request given fewer rows than it holds has
+the rest **paused**: they keep their slots (caches, generator, step) and run again later,
+exactly where they stopped. A request given more rows than it holds has new images admitted
+into free slots. The scheduler then chooses which rows (`choose_rows`) and steps them.
+
+Three policies (`MARCHE_SCHEDULING_POLICY`):
+
+* `fifo`: admission in arrival order, a request's images all at once, never overtaken,
+  never paused. Large requests are never starved; small ones wait behind them.
+* `fair` (default): deficit round robin in image-steps. Each step's `width` rows are
+  shared max-min fairly among tenants, then among a tenant's requests (running and
+  waiting alike); each request's deficit gains its share every step, and rows go one at a
+  time to the request furthest behind. A request's images are admitted as its share allows.
+* `deadline`: rows by (priority, deadline, arrival), lower first, as vLLM's priority
+  scheduling, with aging: a request's priority improves by one every `aging_s` it has
+  waited since it arrived, so a low priority delays a request but cannot starve it.
+
+Policies are plain objects on the worker thread: no locks, no engine, no clock of their own
+(`now` is passed in), so they are tested alone (tests/service/test_policies.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.core.jobs import MAX_IMAGES, Job
+
+POLICIES = ("fifo", "fair", "deadline")
+
+
+@dataclass(eq=False)
+class Claim:
+    """A request at a step boundary, as a policy sees it."""
+
+    job: Job
+    resident: int  # its unfinished rows in the pool (run last step, or paused)
+    pending: int  # its images not admitted yet
+    admitted: bool  # some of its images are (or were) in the pool
+
+    @property
+    def demand(self) -> int:
+        """Rows it could use in this step."""
+        return self.resident + self.pending
+
+
+Allotment = dict[Job, int]  # rows each request runs in this step (> resident: admit the rest)
+
+
+class Policy(Protocol):
+    name: str
+    pauses: bool  # may run fewer rows than a request holds (the pool needs room for those)
+
+    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+        """Rows per request: at most `width` in all (fifo: an idle engine takes a request
+        wider than that whole), at most `free` new images admitted. `claims`: admitted
+        requests in admission order, then waiting ones in arrival order."""
+        ...
+
+
+class Fifo:
+    """Today's continuous batching: admitted requests run all their rows; the oldest waiting
+    request joins whole when its images fit, and nothing overtakes it."""
+
+    name, pauses = "fifo", False
+
+    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+        rows = {c.job: c.resident for c in claims if c.admitted}
+        used = sum(rows.values())
+        for c in claims:
+            if c.admitted:
+                continue
+            if (used and used + c.demand > width) or c.demand > free:
+                break  # the head waits for rows (an idle engine takes it anyway)
+            rows[c.job] = c.demand
+            used, free = used + c.demand, free - c.demand
+        return rows
+
+
+class Fair:
+    """Deficit round robin over requests, grouped by tenant (`Job.tenant`)."""
+
+    name, pauses = "fair", True
+
+    def __init__(self) -> None:
+        self.deficit: dict[Job, float] = {}  # image-steps owed to each request
+
+    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+        shares, limit = fair_shares(claims, width), width
+        self.deficit = {  # owed at most one step's worth
+            c.job: min(float(limit), self.deficit.get(c.job, 0.0) + share)
+            for c, share in zip(claims, shares, strict=True)
+        }  # requests that left drop out (DRR: an empty flow's deficit resets)
+        rows = {c.job: 0 for c in claims}
+        # rows one at a time to the request furthest behind (ties: the older one)
+        heap = [(-self.deficit[c.job], i) for i, c in enumerate(claims) if c.demand]
+        heapq.heapify(heap)
+        while heap and width:
+            owed, i = heapq.heappop(heap)
+            c = claims[i]
+            given = rows[c.job]
+            if given >= c.resident and not free:
+                continue  # it needs a slot and none is free: others go first
+            rows[c.job] += 1
+            width -= 1
+            free -= given >= c.resident
+            if rows[c.job] < c.demand:
+                heapq.heappush(heap, (owed + 1, i))
+        for job, given in rows.items():  # spare rows taken are owed back, one step's worth
+            self.deficit[job] = max(-float(limit), self.deficit[job] - given)
+        return {job: n for job, n in rows.items() if n}
+
+
+class Deadline:
+    """Rows by (aged priority, deadline, arrival): earliest deadline first within a priority."""
+
+    name, pauses = "deadline", True
+
+    def __init__(self, aging_s: float = 10.0) -> None:
+        self.aging_s = aging_s
+
+    def rank(self, job: Job, now: float) -> tuple[int, float, float]:
+        aged = job.priority - math.floor(max(0.0, now - job.enqueued_at) / self.aging_s)
+        return aged, job.deadline, job.enqueued_at
+
+    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+        rows: Allotment = {}
+        for c in sorted(claims, key=lambda c: self.rank(c.job, now)):
+            n = min(c.demand, width, c.resident + free)
+            if n > 0:
+                rows[c.job] = n
+                width, free = width - n, free - max(0, n - c.resident)
+        return rows
+
+
+def make_policy(name: str, aging_s: float = 10.0) -> Policy:
+    if name == "fifo":
+        return Fifo()
+    if name == "fair":
+        return Fair()
+    if name == "deadline":
+        return Deadline(aging_s)
+    raise ValueError(f"scheduling policy must be one of {POLICIES}, not {name!r}")
+
+
+def pool_rows(max_batch_size: int, policy: Policy, pause_rows: int | None = None) -> int:
+    """Slots in the engine's pool. A policy that pauses admits a request's images as rows
+    free up, so it needs the rows of one step plus room for paused rows (`pause_rows`,
+    default `max_batch_size`); fifo admits a request whole and runs one wider than
+    `max_batch_size` on an idle engine, so any single request must fit. A slot costs its
+    caches: the pool's memory grows with it (docs/SERVING.md#fairness)."""
+    if not policy.pauses:
+        return max(max_batch_size, MAX_IMAGES)
+    return max_batch_size + (max_batch_size if pause_rows is None else pause_rows)
+
+
+def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
+    """Max-min fair shares of `capacity`: nobody gets more than its demand, and what a small
+    demand leaves is shared equally among the larger ones."""
+    shares = [0.0] * len(demands)
+    order = sorted(range(len(demands)), key=lambda i: demands[i])
+    for k, i in enumerate(order):
+        shares[i] = min(demands[i], capacity / (len(order) - k))
+        capacity -= shares[i]
+    return shares
+
+
+def fair_shares(claims: Sequence[Claim], width: int) -> list[float]:
+    """Each request's share of a step's rows: max-min fair among tenants, then among each
+    tenant's requests."""
+    tenants: dict[str, list[int]] = {}
+    for i, c in enumerate(claims):
+        tenants.setdefault(c.job.tenant, []).append(i)
+    groups = list(tenants.values())
+    totals = water_fill(width, [sum(claims[i].demand for i in g) for g in groups])
+    shares = [0.0] * len(claims)
+    for group, total in zip(groups, totals, strict=True):
+        demands = [claims[i].demand for i in group]
+        for i, share in zip(group, water_fill(total, demands), strict=True):
+            shares[i] = share
+    return shares
