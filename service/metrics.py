@@ -41,6 +41,10 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_queue_wait_seconds", "histogram",
                "Time from acceptance to the request's first decoding step.",
                ("model", "mode"), LATENCY_BUCKETS),
+    MetricSpec("marche_tenant_queue_wait_seconds", "histogram",
+               "Time from acceptance to admission, by tenant (a hash of its key or user; "
+               "'other' past 64 tenants) and priority.",
+               ("model", "tenant", "priority"), LATENCY_BUCKETS),
     MetricSpec("marche_step_latency_seconds", "histogram",
                "Wall time of one decoding step of a batch (transformer + diffusion head).",
                ("model", "mode"), STEP_BUCKETS),
@@ -58,7 +62,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("marche_images_generated_total", "counter", "Images generated and returned.",
                ("model", "mode")),
     MetricSpec("marche_rejections_total", "counter",
-               "Requests refused at admission (queue_full: 503).", ("model", "reason")),
+               "Requests refused at admission (queue_full: 503; tenant_limit: 429).",
+               ("model", "reason")),
     MetricSpec("marche_cancellations_total", "counter",
                "Accepted requests dropped before finishing (disconnected, deadline).",
                ("model", "mode", "reason")),
@@ -183,6 +188,10 @@ class Metrics:
         """A request joined the running batch (continuous batching)."""
         self._labels("marche_admissions_total", mode=mode, mid_flight=str(mid_flight).lower()).inc()
         self._labels("marche_queue_wait_seconds", mode=mode).observe(queue_wait)
+
+    def tenant_wait(self, tenant: str, priority: int, queue_wait: float) -> None:
+        self._labels("marche_tenant_queue_wait_seconds", tenant=tenant,
+                     priority=str(priority)).observe(queue_wait)  # fmt: skip
 
     def occupancy(self, rows: int) -> None:
         self._observe("marche_step_rows", rows)

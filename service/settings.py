@@ -40,6 +40,9 @@ class ServiceSettings(BaseSettings):
 
     # an API key for the generation routes (`Authorization: Bearer <key>`); unset: open
     api_key: SecretStr | None = None
+    # more keys, comma-separated: each key is a tenant, the fairness key above requests
+    # (without keys: OpenAI's `user` field, else one anonymous tenant)
+    api_keys: SecretStr | None = None
 
     # the engine worker
     scheduler: Literal["continuous", "static"] = "continuous"  # step-level or whole batches
@@ -53,6 +56,9 @@ class ServiceSettings(BaseSettings):
                            "improves by one every aging_s seconds")  # fmt: skip
     max_wait_ms: float = Field(10.0, ge=0, description="static: how long a batch waits to fill")
     queue_size: int = Field(64, ge=1, description="waiting requests before 503")
+    tenant_queue_size: int | None = Field(
+        None, ge=1, description="waiting requests per tenant before 429 (default: no limit "
+        "beyond queue_size)")  # fmt: skip
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request")
     retry_after_s: int = Field(1, ge=1, description="least Retry-After on 503")
     shutdown_grace_s: float = Field(
@@ -74,10 +80,16 @@ class ServiceSettings(BaseSettings):
     def _buckets(cls, value: str) -> str:
         return ",".join(map(str, parse_buckets(value)))
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "api_keys", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    def keys(self) -> list[str]:
+        """Every key the generation routes accept (`api_key`, then `api_keys`)."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        more = self.api_keys.get_secret_value().split(",") if self.api_keys else []
+        return keys + [k.strip() for k in more if k.strip()]
 
     def marche_config(self) -> MarcheConfig:
         return MarcheConfig(

@@ -31,6 +31,8 @@ class EngineRequest:
     mode: str
     timeout_s: float
     request_id: str = ""
+    tenant: str = ""  # a hashed key or user, or "anonymous" (service/http/auth.py)
+    priority: int = 0
 
 
 class EngineClient(Protocol):
@@ -145,6 +147,7 @@ class LocalEngineClient:
             policy=settings.scheduling_policy,
             pause_rows=settings.pause_rows,
             aging_s=settings.aging_s,
+            tenant_queue_size=settings.tenant_queue_size,
         )
         self._info = model_info(self.pipeline, settings)
 
@@ -164,6 +167,7 @@ class LocalEngineClient:
         return {
             **self._info,
             "units": {k: u.stats.as_dict() if u else {"mode": "off"} for k, u in units.items()},
+            "scheduling": self.worker.scheduling(),
             "ready": self.worker.ready,
             "running": running,
             "waiting": waiting,
@@ -186,6 +190,8 @@ class LocalEngineClient:
             mode=request.mode,
             deadline=time.monotonic() + request.timeout_s,
             request_id=request.request_id,
+            tenant=request.tenant,
+            priority=request.priority,
             on_event=on_event,
         )
 

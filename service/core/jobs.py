@@ -15,6 +15,7 @@ from engine.model.config import SamplingParams
 
 MAX_IMAGES = 16  # images per request
 MAX_STEPS = 256
+MAX_PRIORITY = 10  # priorities run from -10 (first) to 10; bounded, as a metric label
 MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
 Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
 
@@ -29,6 +30,14 @@ class QueueFull(Exception):
 
     def __reduce__(self):  # keeps retry_after across processes (Ray)
         return (QueueFull, (str(self), self.retry_after))
+
+
+class TenantBusy(QueueFull):
+    """The request's tenant has `tenant_queue_size` requests waiting: answer 429 with
+    Retry-After (a `QueueFull`, so the Ray ingress tries another replica first)."""
+
+    def __reduce__(self):
+        return (TenantBusy, (str(self), self.retry_after))
 
 
 class JobCancelled(Exception):
@@ -75,6 +84,7 @@ class Job:
     started_at: float | None = None  # when its first image was admitted (continuous)
     image_steps_done: int = 0  # decoding steps taken, summed over its images
     admitted: int = 0  # continuous: its images admitted so far (seeds[:admitted])
+    position: int | None = None  # its place in the queue, as last told to its stream
     images: dict[int, np.ndarray] = field(default_factory=dict)  # finished, by image index
     closed: bool = False  # answered or dropped (counted once, whatever the future's state)
 

@@ -54,6 +54,24 @@ class Claim:
 Allotment = dict[Job, int]  # rows each request runs in this step (> resident: admit the rest)
 
 
+@dataclass
+class Backlog:
+    """The queue as a wait estimate sees it (taken under the queue's lock)."""
+
+    running: Sequence[Claim]  # admitted requests
+    waiting: Sequence[Job]  # in arrival order
+    width: int  # rows a step runs
+    slots: int  # the pool's slots
+
+    def rows_left(self) -> list[float]:
+        """Steps left of each resident row (a request's unfinished images share its work)."""
+        left = []
+        for c in self.running:
+            unfinished = max(1, len(c.job.seeds) - len(c.job.images))
+            left += [c.job.work_left / unfinished] * c.resident
+        return left
+
+
 class Policy(Protocol):
     name: str
     pauses: bool  # may run fewer rows than a request holds (the pool needs room for those)
@@ -62,6 +80,14 @@ class Policy(Protocol):
         """Rows per request: at most `width` in all (fifo: an idle engine takes a request
         wider than that whole), at most `free` new images admitted. `claims`: admitted
         requests in admission order, then waiting ones in arrival order."""
+        ...
+
+    def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
+        """The waiting requests in the order they will start."""
+        ...
+
+    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
+        """Steps until waiting `job` (None: a request arriving now) runs its first step."""
         ...
 
 
@@ -82,6 +108,15 @@ class Fifo:
             rows[c.job] = c.demand
             used, free = used + c.demand, free - c.demand
         return rows
+
+    def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
+        return list(waiting)
+
+    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
+        """Everything admitted and everything that arrived before it runs first."""
+        before = backlog.waiting if job is None else backlog.waiting[: backlog.waiting.index(job)]
+        ahead = sum(c.job.work_left for c in backlog.running) + sum(j.work_left for j in before)
+        return math.ceil(ahead / max(1, backlog.width))
 
 
 class Fair:
@@ -117,6 +152,15 @@ class Fair:
             self.deficit[job] = max(-float(limit), self.deficit[job] - given)
         return {job: n for job, n in rows.items() if n}
 
+    def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
+        return list(waiting)  # free slots go to the most owed: the longest waiting
+
+    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
+        """A request runs at the step after it gets a slot: at once while slots are free,
+        else when resident rows finish (each runs at width / resident rows a step)."""
+        k = len(backlog.waiting) if job is None else backlog.waiting.index(job)
+        return slot_steps(backlog, k)
+
 
 class Deadline:
     """Rows by (aged priority, deadline, arrival): earliest deadline first within a priority."""
@@ -129,6 +173,18 @@ class Deadline:
     def rank(self, job: Job, now: float) -> tuple[int, float, float]:
         aged = job.priority - math.floor(max(0.0, now - job.enqueued_at) / self.aging_s)
         return aged, job.deadline, job.enqueued_at
+
+    def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
+        return sorted(waiting, key=lambda j: self.rank(j, now))
+
+    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
+        """The work of every request ranked before it runs first, and it needs a slot (a
+        request arriving now: priority 0, ranked after the others of its priority)."""
+        rank = self.rank(job, now) if job else (0, math.inf, now)
+        jobs = [c.job for c in backlog.running] + [j for j in backlog.waiting if j is not job]
+        ahead = sum(j.work_left for j in jobs if self.rank(j, now) < rank)
+        k = sum(self.rank(j, now) < rank for j in backlog.waiting if j is not job)
+        return max(math.ceil(ahead / max(1, backlog.width)), slot_steps(backlog, k))
 
     def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
         rows: Allotment = {}
@@ -159,6 +215,21 @@ def pool_rows(max_batch_size: int, policy: Policy, pause_rows: int | None = None
     if not policy.pauses:
         return max(max_batch_size, MAX_IMAGES)
     return max_batch_size + (max_batch_size if pause_rows is None else pause_rows)
+
+
+def slot_steps(backlog: Backlog, k: int) -> float:
+    """Steps until the waiting request with `k` others ahead of it gets a slot: the pool's
+    free slots first, then resident rows as they finish, soonest first, each running at
+    width / resident rows a step; past them, the same again."""
+    left = sorted(backlog.rows_left())
+    free = backlog.slots - len(left)
+    if k < free:
+        return 0.0
+    if not left:
+        return 0.0
+    pace = max(1.0, len(left) / max(1, backlog.width))
+    rounds, i = divmod(k - free, len(left))
+    return pace * (left[i] + rounds * left[-1])
 
 
 def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:

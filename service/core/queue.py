@@ -6,13 +6,17 @@ there is nothing to do. Every change of the two collections happens with `cond` 
 
 The queue also knows how much work it holds, in **image-steps** (one image advanced one
 decoding step: a 4-image 32-step request is 128), and how long a step takes (`StepTime`:
-measured at warm-up, then a moving average). From the two, the wait a new request would see:
+measured at warm-up, then a moving average). From the two and the scheduling policy, the wait
+of a request (`expected_wait_s`): `step_s × policy.start_steps(...)`, the steps before its
+first one (`service.core.policies`). Under fifo that is all the work ahead of it,
 
     wait_s = step_s × ceil(image_steps_ahead / rows_at_once)
 
-where `image_steps_ahead` is what the queued and running jobs still have to run and
-`rows_at_once` the images one step decodes together (`max_batch_size`). A 503's Retry-After is
-that wait, rounded up, at least `MARCHE_RETRY_AFTER_S` and at most 10 minutes.
+(`rows_at_once`: `max_batch_size`); under fair, the steps until it gets a slot; under
+deadline, the work ranked before it. A 503's (and a tenant's 429's) Retry-After is that wait
+for a request arriving now (for the tenant's oldest waiting request), rounded up, at least
+`MARCHE_RETRY_AFTER_S` and at most 10 minutes. Streaming requests hear their place in the
+queue and expected start whenever it changes (`queued` events).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import time
 from collections import deque
 from typing import Any
 
-from service.core.jobs import Job, JobCancelled, QueueFull
+from service.core.jobs import Job, JobCancelled, QueueFull, TenantBusy
 from service.core.memory import trim_heap
+from service.core.policies import Backlog, Claim, Fifo, Policy
+from service.core.waits import WaitBook
 from service.metrics import Metrics
 
 
@@ -53,6 +59,8 @@ class JobQueue:
         metrics: Metrics | None = None,
         retry_after_s: int = 1,
         idle_trim_s: float = 1.0,
+        policy: Policy | None = None,
+        tenant_queue_size: int | None = None,
     ) -> None:
         self.queue_size, self.max_batch_size = queue_size, max_batch_size
         self.max_wait_s = max_wait_s
@@ -64,6 +72,10 @@ class JobQueue:
         self.running: dict[Job, Any] = {}  # running jobs (-> their rows, continuous)
         self.stopping = False
         self.step_time = StepTime()
+        self.policy = policy or Fifo()
+        self.slots = max_batch_size  # the engine pool's slots (the worker sets it)
+        self.tenant_queue_size = tenant_queue_size
+        self.waits = WaitBook()
         self._worked = False  # work arrived since the heap was last trimmed
 
     # -- the HTTP side (any thread) --------------------------------------------------------------
@@ -77,6 +89,13 @@ class JobQueue:
                     self.metrics.rejected("queue_full")
                 retry = self.retry_after_s()
                 raise QueueFull(f"queue full ({self.queue_size} requests waiting)", retry)
+            own = [j for j in self.waiting if j.tenant == job.tenant]
+            if self.tenant_queue_size is not None and len(own) >= self.tenant_queue_size:
+                if self.metrics:
+                    self.metrics.rejected("tenant_limit")
+                retry = self._retry_after(self.expected_wait_s(own[0]))
+                raise TenantBusy(f"too many requests waiting for this tenant ("
+                                 f"{self.tenant_queue_size})", retry)  # fmt: skip
             self.waiting.append(job)
             self._worked = True
             self.publish_state()
@@ -116,20 +135,29 @@ class JobQueue:
         with self.cond:
             return sum(len(j.seeds) if r is None else len(r) for j, r in self.running.items())
 
-    def expected_wait_s(self, image_steps: int | None = None) -> float | None:
-        """Seconds a request accepted now would wait for the work ahead of it (the module's
-        formula; `image_steps` when the caller has counted them); None before any step was
-        timed."""
+    def backlog(self) -> Backlog:
+        with self.cond:
+            running = [
+                Claim(j, len(j.seeds) if r is None else len(r), len(j.seeds) - j.admitted, True)
+                for j, r in self.running.items()
+            ]  # static: a batch's jobs hold all their rows
+            return Backlog(running, list(self.waiting), self.max_batch_size, self.slots)
+
+    def expected_wait_s(self, job: Job | None = None) -> float | None:
+        """Seconds until waiting `job` (None: a request accepted now) runs its first step,
+        under the policy; None before any step was timed."""
         step_s = self.step_time.seconds
         if step_s is None:
             return None
-        ahead = self.image_steps() if image_steps is None else image_steps
-        return step_s * math.ceil(ahead / max(1, self.max_batch_size))
+        with self.cond:
+            return step_s * self.policy.start_steps(self.backlog(), job, time.monotonic())
 
     def retry_after_s(self) -> int:
-        """Retry-After of a 503: the expected wait, rounded up, within
-        [`min_retry_after_s`, 600]."""
-        wait = self.expected_wait_s()
+        """Retry-After of a 503: the expected wait of a request arriving now."""
+        return self._retry_after(self.expected_wait_s())
+
+    def _retry_after(self, wait: float | None) -> int:
+        """A wait as Retry-After: rounded up, within [`min_retry_after_s`, 600]."""
         if wait is None:
             return self.min_retry_after_s
         return int(min(600, max(self.min_retry_after_s, math.ceil(wait))))
@@ -174,7 +202,21 @@ class JobQueue:
 
     def publish_state(self) -> None:
         if self.metrics:
-            ahead = self.image_steps()
             self.metrics.queue_state(
-                len(self.running), len(self.waiting), ahead, self.expected_wait_s(ahead)
+                len(self.running), len(self.waiting), self.image_steps(), self.expected_wait_s()
             )
+        self._tell_positions()
+
+    def _tell_positions(self) -> None:
+        """A `queued` event to each waiting stream whose place in the queue changed."""
+        streams = [j for j in self.waiting if j.on_event is not None]
+        if not streams:
+            return
+        order = self.policy.order(list(self.waiting), time.monotonic())
+        for job in streams:
+            position = order.index(job)
+            if position != job.position:
+                job.position = position
+                wait = self.expected_wait_s(job)
+                start = None if wait is None else round(wait, 3)
+                job.on_event({"queued": True, "position": position, "expected_start_s": start})

@@ -117,8 +117,11 @@ class ContinuousScheduler:
             q.waiting.remove(job)
             running[job] = {}
             job.started_at = now
+            q.waits.record(job.tenant, job.priority, now - job.enqueued_at)
             if q.metrics:
                 q.metrics.admitted(job.mode, allotment[job], now - job.enqueued_at, mid_flight)
+                label = q.waits.tenant_label(job.tenant)
+                q.metrics.tenant_wait(label, job.priority, now - job.enqueued_at)
         for job, n in allotment.items():
             held = running[job]
             new = list(range(job.admitted, job.admitted + max(0, n - len(held))))

@@ -94,6 +94,8 @@ class StaticScheduler:
         q = self.queue
         mode, started = batch[0].mode, time.monotonic()
         owners = [job for job in batch for _ in job.seeds]  # row -> job
+        for job in batch:
+            q.waits.record(job.tenant, job.priority, started - job.enqueued_at)
         if q.metrics:
             q.metrics.batch_started(mode, len(owners), [started - j.enqueued_at for j in batch])
         policy = make_policy(mode, self.marche)

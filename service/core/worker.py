@@ -63,6 +63,7 @@ class EngineWorker:
         policy: str = "fair",
         pause_rows: int | None = None,
         aging_s: float = 10.0,
+        tenant_queue_size: int | None = None,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
@@ -79,6 +80,7 @@ class EngineWorker:
             metrics=metrics,
             retry_after_s=retry_after_s,
             idle_trim_s=idle_trim_s,
+            tenant_queue_size=tenant_queue_size,
         )
         self._scheduler: StaticScheduler | ContinuousScheduler
         if scheduler == "static":
@@ -87,6 +89,7 @@ class EngineWorker:
             chooser = make_policy(policy, aging_s)
             capacity = pool_rows(max_batch_size, chooser, pause_rows)
             rows = rows or PipelineRows(pipeline, capacity, self.marche)
+            self.queue.policy, self.queue.slots = chooser, rows.capacity
             self._scheduler = ContinuousScheduler(self.queue, rows, preview_every, chooser)
         self._thread: threading.Thread | None = None
 
@@ -132,6 +135,22 @@ class EngineWorker:
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         return self.queue.counts()
+
+    def scheduling(self) -> dict:
+        """/info's view: the policy, the pool's slots, and who waits how long: per tenant
+        (waiting and running now, the newest admission waits) and per priority."""
+        q = self.queue
+        with q.cond:
+            now: dict[str, dict[str, int]] = {}
+            for state, jobs in (("waiting", list(q.waiting)), ("running", list(q.running))):
+                for job in jobs:
+                    counts = now.setdefault(q.waits.tenant_label(job.tenant), {})
+                    counts[state] = counts.get(state, 0) + 1
+        view = q.waits.view()
+        for tenant, counts in now.items():
+            view["tenants"].setdefault(tenant, {}).update(counts)
+        return {"policy": q.policy.name, "slots": q.slots, "rows_per_step": q.max_batch_size,
+                "tenant_queue_size": q.tenant_queue_size, **view}  # fmt: skip
 
     @property
     def alive(self) -> bool:

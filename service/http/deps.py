@@ -48,4 +48,4 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 def keyed(settings: ServiceSettings) -> list[Any]:
     """The generation routers' dependencies: the key check of `auth` when a key is set, and
     nothing otherwise (so the schema asks for a key only then)."""
-    return [Depends(key_check(settings))] if settings.api_key else []
+    return [Depends(key_check(settings))] if settings.keys() else []

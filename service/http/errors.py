@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.http.auth import Unauthorized
 
 # OpenAI's error `type` by status (anything else: invalid_request_error)
-ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error",
-               504: "timeout"}  # fmt: skip
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error",
+               503: "server_error", 504: "timeout"}  # fmt: skip
 # the openai client retries 5xx twice by default: a failed step or a passed deadline would
 # run again, so those say not to (a 503 is worth retrying, after its Retry-After)
 NO_RETRY = {500, 504}

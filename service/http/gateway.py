@@ -16,7 +16,8 @@ from engine.labels import ClassNameError, ClassNames
 from engine.model.config import SamplingParams
 from engine.pipeline import MODELS
 from service.core.client import EngineRequest
-from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull
+from service.core.jobs import EngineError, JobCancelled, JobResult, QueueFull, TenantBusy
+from service.http.auth import request_tenant
 from service.http.guards import invalid
 from service.http.schemas import GenerateRequest
 from service.metrics import Metrics
@@ -103,6 +104,8 @@ class Gateway:
             mode=body.mode or settings.default_mode,
             timeout_s=timeout,
             request_id=request.headers.get("x-request-id") or secrets.token_hex(16),
+            tenant=request_tenant(request, body.user),
+            priority=body.priority,
         )
 
     async def run(self, req: EngineRequest, request: Request) -> JobResult | None:
@@ -123,8 +126,8 @@ class Gateway:
     ) -> tuple[int, str, dict[str, str]]:
         """Status, message and headers for an engine-side failure; its request metric."""
         headers: dict[str, str] = {}
-        if isinstance(exc, QueueFull):
-            status, message = 503, str(exc)
+        if isinstance(exc, QueueFull):  # the queue's (503) or its tenant's share (429)
+            status, message = (429 if isinstance(exc, TenantBusy) else 503), str(exc)
             retry = max(self.settings.retry_after_s, int(getattr(exc, "retry_after", 1)))
             headers["Retry-After"] = str(retry)
         elif isinstance(exc, JobCancelled):

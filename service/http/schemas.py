@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.jobs import MAX_IMAGES, MAX_SEED, MAX_STEPS, Mode
+from service.core.jobs import MAX_IMAGES, MAX_PRIORITY, MAX_SEED, MAX_STEPS, Mode
 
 
 def number_only(value: Any) -> Any:
@@ -58,13 +58,28 @@ class GenerateRequest(BaseModel):
         None, description="decoding: mar (exact), marche (cache-aware), turbo (every cache)"
     )
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images; >1 returns a grid")
+    priority: int = Field(
+        0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+        description="lower runs first under the deadline scheduling policy (vLLM's convention)",
+    )  # fmt: skip
+    user: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="the tenant fair scheduling shares rows by, when the server has no API keys",
+    )  # fmt: skip
     format: ImageFormat = "png"
     response: Literal["image", "json"] | None = Field(
         None, description="'json' returns base64 images (same as Accept: application/json)"
     )
 
     _numbers = field_validator(
-        "class_id", "cfg", "seed", "steps", "temperature", "num_images", mode="before"
+        "class_id",
+        "cfg",
+        "seed",
+        "steps",
+        "temperature",
+        "num_images",
+        "priority",
+        mode="before",
     )(number_only)
 
 
@@ -105,6 +120,7 @@ _ERROR_DESCRIPTIONS = {
     413: "request body too large",
     415: "Content-Type is not application/json",
     422: "a field is invalid (named in `detail`)",
+    429: "this tenant (API key or user) has too many requests waiting; see Retry-After",
     500: "the engine step this request ran in failed",
     503: "queue full or shutting down; see Retry-After",
     504: "the request's deadline passed",
@@ -120,7 +136,7 @@ def error_responses(*codes: int, body: type[BaseModel] = ErrorOut) -> dict[int |
             "description": _ERROR_DESCRIPTIONS[code],
             "content": {"application/json": {"schema": body.model_json_schema()}},
         }
-        if code == 503:
+        if code in (429, 503):
             entry["headers"] = {
                 "Retry-After": {
                     "schema": {"type": "integer"},

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 
 from service.core.client import EngineRequest
-from service.core.jobs import EngineError, JobResult, QueueFull
+from service.core.jobs import EngineError, JobResult, QueueFull, TenantBusy
 from service.metrics import Metrics
 from service.ray_serve import view
 
@@ -151,8 +151,11 @@ def _spill(failure: Failure, avoid: list[str], refusals: list[QueueFull]) -> boo
 
 
 def _answer(error: Exception, refusals: list[QueueFull]) -> Exception:
-    """Every replica refused: the 503 with the shortest wait any of them gave."""
+    """Every replica refused: the 503 with the shortest wait any of them gave (a 429 when
+    each refused for the tenant's share rather than a full queue)."""
     if isinstance(error, QueueFull) and refusals:
         retry = min(r.retry_after for r in [*refusals, error])
+        if all(isinstance(r, TenantBusy) for r in [*refusals, error]):
+            return TenantBusy(f"{error} on every engine replica ({len(refusals)} asked)", retry)
         return QueueFull(f"queue full on every engine replica ({len(refusals)} asked)", retry)
     return error

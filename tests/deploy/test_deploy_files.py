@@ -34,6 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 CONTRACT_METRICS = {
     "marche_request_latency_seconds": "histogram",
     "marche_queue_wait_seconds": "histogram",
+    "marche_tenant_queue_wait_seconds": "histogram",
     "marche_step_latency_seconds": "histogram",
     "marche_batch_size": "histogram",
     "marche_step_rows": "histogram",

@@ -345,3 +345,32 @@ def test_the_flat_engine_follows_its_curve_under_the_real_worker():
         assert 0.01 <= step_s < 0.2  # the warm-up's 16-row steps, then 2-row ones
     finally:
         worker.stop(10)
+
+
+def test_fairbench_plans_the_mix_and_reports_the_targets_ratios(tmp_path):
+    """The fair-scheduling bench's arithmetic on made-up samples: the 80/20 mix, B at a tenth
+    of A's rate, per-class p99s, longest waits, and each policy's ratios against fifo."""
+    from loadtest import fairbench as fb
+
+    mixed = fb.plan("mixed", rate=2.0, duration=500)
+    share = sum(a.kind == "small" for a in mixed) / len(mixed)
+    assert 0.75 < share < 0.85 and 900 < len(mixed) < 1100
+    tenants = fb.plan("tenants", rate=2.0, duration=500)
+    b = sum(a.kind == "b" for a in tenants)
+    assert 0.07 < b / len(tenants) < 0.11 and [a.at_s for a in tenants] == sorted(
+        a.at_s for a in tenants)  # fmt: skip
+
+    def samples(small_s: float, large_s: float) -> list:
+        return [fb.Sample("small", i, small_s, 200, small_s / 2, 1) for i in range(100)] + [
+            fb.Sample("large", i, large_s, 200, 1.0, 16) for i in range(20)]  # fmt: skip
+
+    results = {"fifo": fb.summarize(samples(40.0, 60.0), {"small": 2.0}, 100.0),
+               "fair": fb.summarize(samples(4.0, 66.0), {"small": 2.0}, 100.0)}  # fmt: skip
+    assert results["fair"]["small"]["p99_over_idle"] == 2.0
+    assert results["fifo"]["small"]["max_queue_s"] == 20.0
+    assert results["fifo"]["images_per_s"] == (100 + 20 * 16) / 100
+    targets = fb.targets("mixed", results)
+    assert targets["fair"] == {"small_p99_vs_fifo": 0.1, "large_p99_vs_fifo": 1.1,
+                               "throughput_vs_fifo": 1.0}  # fmt: skip
+    report = {"results": results, "targets": targets}
+    assert "| fair | small | 100 | 100 | 0 | 0 | 4.0 | 4.0 | 2.0 | 2.0 |" in fb.table(report)

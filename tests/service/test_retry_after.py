@@ -55,12 +55,13 @@ def test_the_queue_counts_work_in_image_steps_and_estimates_the_wait():
     assert refused.value.retry_after == 600
 
 
-def started_worker(delay: float) -> tuple[EngineWorker, FakeRows]:
-    rows = FakeRows(capacity=4)
+def started_worker(delay: float, policy: str = "fifo") -> tuple[EngineWorker, FakeRows]:
+    rows = FakeRows(capacity=4)  # fair: no room for paused rows
     rows.delay = delay
     worker = EngineWorker(
-        None, rows=rows, max_batch_size=4, queue_size=2, retry_after_s=1, warmup_params=WARMUP
-    )
+        None, rows=rows, max_batch_size=4, queue_size=2, retry_after_s=1, warmup_params=WARMUP,
+        policy=policy, pause_rows=0,
+    )  # fmt: skip
     worker.start(warmup=True)
     deadline = time.monotonic() + 10
     while not worker.ready:
@@ -93,6 +94,28 @@ def test_a_cold_server_answers_the_real_wait_not_one_second():
         assert retry >= 20  # 96 steps of at least 0.2 s; the old estimate said 1 s here
         rows.gate.set()
         assert first.future.result(60).images.shape[0] == 4
+    finally:
+        if rows.gate is not None:
+            rows.gate.set()
+        worker.stop(60)
+
+
+def test_fair_retry_after_is_the_wait_for_a_slot_not_for_all_the_work():
+    """Fair: a request starts once it has a slot, whatever the work of the others; with the
+    pool full (4 rows of 32 steps) and two requests waiting, the third one's slot frees when
+    the running rows finish: 32 steps, not fifo's 96."""
+    worker, rows = started_worker(delay=0.2, policy="fair")
+    try:
+        step_s = worker.queue.step_time.seconds
+        rows.gate = threading.Event()
+        first = job(4, 32)
+        worker.submit(first)
+        time.sleep(0.1)
+        for _ in range(2):
+            worker.submit(job(4, 32))
+        retry = refuse(worker).retry_after
+        assert retry == math.ceil(step_s * 32)
+        assert worker.queue.expected_wait_s(worker.queue.waiting[0]) == pytest.approx(step_s * 32)
     finally:
         if rows.gate is not None:
             rows.gate.set()

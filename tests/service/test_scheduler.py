@@ -142,7 +142,7 @@ def test_cancel_mid_run_frees_the_rows_before_the_next_step(fake):
     mate = job(2, [5], steps=6)
 
     def on_event(event):
-        if event["step"] == 2:
+        if event.get("step") == 2:
             worker.cancel(victim, "disconnected")
 
     victim.on_event = on_event

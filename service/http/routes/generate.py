@@ -45,7 +45,7 @@ async def engine_request(
 
 @router.post("/generate", response_model=GenerateResponse, responses={
     200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-    **error_responses(400, 401, 413, 415, 422, 500, 503, 504)})  # fmt: skip
+    **error_responses(400, 401, 413, 415, 422, 429, 500, 503, 504)})  # fmt: skip
 async def generate(
     body: GenerateRequest, request: Request, gateway: GatewayDep, metrics: MetricsDep
 ) -> Response:
@@ -106,10 +106,10 @@ async def json_answer(
 
 
 @router.post("/generate/stream", response_class=EventStream, responses={
-    200: {"description": "server-sent events: progress, image, done or error",
+    200: {"description": "server-sent events: queued, progress, image, done or error",
           "content": {"text/event-stream": {"schema": {
               "type": "object", "description": "each event's data: a JSON object"}}}},
-    **error_responses(400, 401, 413, 415, 422, 503, 504)})  # fmt: skip
+    **error_responses(400, 401, 413, 415, 422, 429, 503, 504)})  # fmt: skip
 async def generate_stream(
     body: GenerateRequest,
     request: Request,
@@ -117,8 +117,8 @@ async def generate_stream(
     client: ClientDep,
     metrics: MetricsDep,
 ) -> Response:
-    """Server-sent events: `progress` per step (with a small `preview` now and then),
-    one `image` per image, then `done`."""
+    """Server-sent events: `queued` while waiting (place and expected start), `progress` per
+    step (with a small `preview` now and then), one `image` per image, then `done`."""
     req = await engine_request(gateway, body, request)
     started = time.monotonic()
     stream = client.stream(req)
@@ -135,9 +135,13 @@ async def _events(
     stream: AsyncIterator[dict[str, Any]], body: GenerateRequest, req: EngineRequest, name: str,
     gateway: Gateway, metrics: Metrics, started: float,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """The stream's events after admission: `progress`, `image`s and `done`, or `error`."""
+    """The stream's events after admission: `queued`, `progress`, `image`s and `done`, or
+    `error`."""
     try:
         async for event in stream:
+            if event.pop("queued", False):
+                yield _sse("queued", event)
+                continue
             if "result" in event:
                 result: JobResult = event["result"]
                 for image, seed in zip(result.images, result.seeds, strict=True):

@@ -21,14 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.images import encode_image
 from service.core.client import EngineRequest
-from service.core.jobs import MAX_IMAGES, MAX_SEED, MAX_STEPS, JobResult, Mode
+from service.core.jobs import MAX_IMAGES, MAX_PRIORITY, MAX_SEED, MAX_STEPS, JobResult, Mode
 from service.http.deps import GatewayDep
 from service.http.errors import openai_error
 from service.http.gateway import CLIENT_CLOSED, Gateway
 from service.http.guards import invalid
 from service.http.schemas import MAX_NAME_CHARS, GenerateRequest, error_responses, number_only
 
-ERROR_CODES = (400, 401, 404, 413, 415, 422, 500, 503, 504)
+ERROR_CODES = (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
 
 
 class OpenAIErrorBody(BaseModel):
@@ -71,7 +71,10 @@ class ImagesRequest(BaseModel):
         "b64_json", description="only b64_json: the service hosts no image URLs"
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    user: str | None = Field(None, max_length=256, description="accepted and ignored")
+    user: str | None = Field(
+        None, max_length=256,
+        description="the tenant fair scheduling shares rows by, when the server has no API keys",
+    )  # fmt: skip
     # extensions (vLLM-Omni style): the native API's knobs
     seed: int | None = Field(
         None,
@@ -83,10 +86,14 @@ class ImagesRequest(BaseModel):
     cfg: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="autoregressive steps")
     temperature: float | None = Field(None, ge=0, le=10, description="diffusion temperature")
+    priority: int = Field(
+        0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+        description="lower runs first under the deadline scheduling policy (vLLM's convention)",
+    )  # fmt: skip
 
-    _numbers = field_validator("n", "seed", "cfg", "steps", "temperature", mode="before")(
-        number_only
-    )
+    _numbers = field_validator(
+        "n", "seed", "cfg", "steps", "temperature", "priority", mode="before"
+    )(number_only)
 
 
 class ImageData(BaseModel):
@@ -153,7 +160,8 @@ async def engine_request(gateway: Gateway, body: ImagesRequest, request: Request
     )
     native_request = GenerateRequest(
         class_id=class_id, seed=body.seed, mode=body.mode, cfg=body.cfg, steps=body.steps,
-        temperature=body.temperature, num_images=body.n,
+        temperature=body.temperature, num_images=body.n, priority=body.priority,
+        user=body.user or None,
     )  # fmt: skip
     return await gateway.engine_request(native_request, class_id, request)
 

@@ -38,7 +38,7 @@ async def readyz(client: ClientDep) -> JSONResponse:
 async def info(client: ClientDep, settings: SettingsDep) -> dict[str, Any]:
     """The model, device, defaults, MARché and batching settings, queue state, and
     whether generation routes want an API key."""
-    return {**await client.info(), "api_key_required": settings.api_key is not None}
+    return {**await client.info(), "api_key_required": bool(settings.keys())}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -78,10 +78,12 @@ export function describe(err) {
       detail = detail.replace(/;?\s*did you mean [^?]*\?/i, "").replace(/;\s*use a more specific.*$/i, "");
     }
     switch (err.status) {
+      case 429:
       case 503: {
         const retry = err.headers.get("Retry-After");
         const when = retry ? `retry in ${retry} s` : "retry shortly";
-        return {text: `Server busy, ${when}.` + (detail ? ` (${detail})` : ""), suggestions};
+        const who = err.status === 429 ? "Too many of your requests are waiting" : "Server busy";
+        return {text: `${who}, ${when}.` + (detail ? ` (${detail})` : ""), suggestions};
       }
       case 422:
         return {text: `Invalid request: ${detail || "check the fields"}`, suggestions};

@@ -211,7 +211,10 @@ async function runStream(card, body, signal) {
     } catch {
       return;
     }
-    if (name === "progress") {
+    if (name === "queued") {
+      const start = msg.expected_start_s == null ? "" : ` · starts in about ${Math.ceil(msg.expected_start_s)} s`;
+      card.step.textContent = msg.position === 0 ? `next in line${start}` : `queued: ${msg.position} ahead${start}`;
+    } else if (name === "progress") {
       card.progress.max = msg.total;
       card.progress.value = msg.step;
       card.step.textContent = `step ${msg.step}/${msg.total} · ${msg.tokens_done}/${msg.seq_len} tokens`;
