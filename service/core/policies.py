@@ -76,10 +76,14 @@ class Policy(Protocol):
     name: str
     pauses: bool  # may run fewer rows than a request holds (the pool needs room for those)
 
-    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+    def allot(
+        self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
+    ) -> Allotment:
         """Rows per request: at most `width` in all (fifo: an idle engine takes a request
-        wider than that whole), at most `free` new images admitted. `claims`: admitted
-        requests in admission order, then waiting ones in arrival order."""
+        wider than that whole), at most `free` new images admitted, of which admitted
+        requests growing take none of the last `reserve` (kept for requests not admitted
+        yet). `claims`: admitted requests in admission order, then waiting ones in arrival
+        order."""
         ...
 
     def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
@@ -97,7 +101,9 @@ class Fifo:
 
     name, pauses = "fifo", False
 
-    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+    def allot(
+        self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
+    ) -> Allotment:
         rows = {c.job: c.resident for c in claims if c.admitted}
         used = sum(rows.values())
         for c in claims:
@@ -127,7 +133,9 @@ class Fair:
     def __init__(self) -> None:
         self.deficit: dict[Job, float] = {}  # image-steps owed to each request
 
-    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+    def allot(
+        self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
+    ) -> Allotment:
         shares, limit = fair_shares(claims, width), width
         self.deficit = {  # owed at most one step's worth
             c.job: min(float(limit), self.deficit.get(c.job, 0.0) + share)
@@ -141,8 +149,8 @@ class Fair:
             owed, i = heapq.heappop(heap)
             c = claims[i]
             given = rows[c.job]
-            if given >= c.resident and not free:
-                continue  # it needs a slot and none is free: others go first
+            if given >= c.resident and free <= (reserve if c.admitted else 0):
+                continue  # it needs a slot and none is free for it: others go first
             rows[c.job] += 1
             width -= 1
             free -= given >= c.resident
@@ -186,10 +194,13 @@ class Deadline:
         k = sum(self.rank(j, now) < rank for j in backlog.waiting if j is not job)
         return max(math.ceil(ahead / max(1, backlog.width)), slot_steps(backlog, k))
 
-    def allot(self, claims: Sequence[Claim], width: int, free: int, now: float) -> Allotment:
+    def allot(
+        self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
+    ) -> Allotment:
         rows: Allotment = {}
         for c in sorted(claims, key=lambda c: self.rank(c.job, now)):
-            n = min(c.demand, width, c.resident + free)
+            spare = max(0, free - (reserve if c.admitted else 0))
+            n = min(c.demand, width, c.resident + spare)
             if n > 0:
                 rows[c.job] = n
                 width, free = width - n, free - max(0, n - c.resident)
@@ -209,9 +220,10 @@ def make_policy(name: str, aging_s: float = 10.0) -> Policy:
 def pool_rows(max_batch_size: int, policy: Policy, pause_rows: int | None = None) -> int:
     """Slots in the engine's pool. A policy that pauses admits a request's images as rows
     free up, so it needs the rows of one step plus room for paused rows (`pause_rows`,
-    default `max_batch_size`); fifo admits a request whole and runs one wider than
-    `max_batch_size` on an idle engine, so any single request must fit. A slot costs its
-    caches: the pool's memory grows with it (docs/SERVING.md#fairness)."""
+    default `max_batch_size`; half of that room is the reserve, `reserve_rows`); fifo
+    admits a request whole and runs one wider than `max_batch_size` on an idle engine, so
+    any single request must fit. A slot costs its caches: the pool's memory grows with it
+    (docs/SERVING.md#fairness)."""
     if not policy.pauses:
         return max(max_batch_size, MAX_IMAGES)
     return max_batch_size + (max_batch_size if pause_rows is None else pause_rows)
@@ -230,6 +242,13 @@ def slot_steps(backlog: Backlog, k: int) -> float:
     pace = max(1.0, len(left) / max(1, backlog.width))
     rounds, i = divmod(k - free, len(left))
     return pace * (left[i] + rounds * left[-1])
+
+
+def reserve_rows(slots: int, width: int, policy: Policy) -> int:
+    """Slots that requests already admitted may not grow into: half the room beyond a
+    step's rows, so a new request finds a slot even after the running ones have grown
+    while it was quieter (their paused rows keep their slots)."""
+    return max(0, slots - width) // 2 if policy.pauses else 0
 
 
 def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:

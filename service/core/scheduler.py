@@ -30,7 +30,7 @@ import numpy as np
 from engine.decode.policy import MODES
 from engine.model.config import SamplingParams
 from service.core.jobs import EngineError, Job, JobResult
-from service.core.policies import Claim, Policy, make_policy
+from service.core.policies import Claim, Policy, make_policy, reserve_rows
 from service.core.queue import JobQueue
 from service.core.rows import RowEngine
 
@@ -111,7 +111,8 @@ class ContinuousScheduler:
         claims += [Claim(j, 0, len(j.seeds), False) for j in waiting]
         width = min(q.max_batch_size, self.rows.capacity)
         free = self.rows.capacity - sum(len(r) for r in running.values())
-        allotment = self.policy.allot(claims, width, free, now) if claims else {}
+        reserve = reserve_rows(self.rows.capacity, width, self.policy)
+        allotment = self.policy.allot(claims, width, free, now, reserve) if claims else {}
         batch, mid_flight = [], bool(running)  # joining rows that are already decoding
         for job in [j for j in waiting if allotment.get(j, 0)]:
             q.waiting.remove(job)

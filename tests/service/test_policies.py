@@ -183,3 +183,14 @@ def test_deadline_a_higher_priority_request_pauses_a_running_one():
     finally:
         rows.gate.set()
         worker.stop(5)
+
+
+def test_admitted_requests_leave_the_reserve_to_newcomers():
+    """Two slots free, one of them the reserve: the running request grows by one only, and a
+    request not admitted yet may take the last slot."""
+    big, small = job(1, list(range(8))), job(2, [0])
+    for policy in (Fair(), Deadline()):
+        rows = policy.allot(claims_of((big, 2, 6, True)), 8, 2, 0.0, reserve=1)
+        assert rows == {big: 3}, policy.name
+        rows = policy.allot(claims_of((big, 2, 6, True), (small, 0, 1, False)), 8, 2, 0.0, 1)
+        assert rows == {big: 3, small: 1}, policy.name
