@@ -11,10 +11,12 @@ Three policies (`MARCHE_SCHEDULING_POLICY`):
 
 * `fifo`: admission in arrival order, a request's images all at once, never overtaken,
   never paused. Large requests are never starved; small ones wait behind them.
-* `fair` (default): deficit round robin in image-steps. Each step's `width` rows are
-  shared max-min fairly among tenants, then among a tenant's requests (running and
-  waiting alike); each request's deficit gains its share every step, and rows go one at a
-  time to the request furthest behind. A request's images are admitted as its share allows.
+* `fair` (default): deficit round robin over tenants in image-steps: each step's `width`
+  rows are shared max-min fairly among tenants, each tenant's deficit gains its share every
+  step, and rows go one at a time to the tenant furthest behind. Within a tenant, requests
+  whose demand is within the max-min fair level run whole (a small request never waits
+  behind a big one), and the bottlenecked rest run oldest first (`within_tenant`). A
+  request's images are admitted as its rows allow.
 * `deadline`: rows by (priority, deadline, arrival), lower first, as vLLM's priority
   scheduling, with aging: a request's priority improves by one every `aging_s` it has
   waited since it arrived, so a low priority delays a request but cannot starve it.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -126,39 +129,51 @@ class Fifo:
 
 
 class Fair:
-    """Deficit round robin over requests, grouped by tenant (`Job.tenant`)."""
+    """Deficit round robin over tenants (`Job.tenant`); within a tenant, max-min fair levels
+    with the bottlenecked requests served oldest first."""
 
     name, pauses = "fair", True
 
     def __init__(self) -> None:
-        self.deficit: dict[Job, float] = {}  # image-steps owed to each request
+        self.deficit: dict[str, float] = {}  # image-steps owed to each tenant
 
     def allot(
         self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
     ) -> Allotment:
-        shares, limit = fair_shares(claims, width), width
-        self.deficit = {  # owed at most one step's worth
-            c.job: min(float(limit), self.deficit.get(c.job, 0.0) + share)
-            for c, share in zip(claims, shares, strict=True)
-        }  # requests that left drop out (DRR: an empty flow's deficit resets)
-        rows = {c.job: 0 for c in claims}
-        # rows one at a time to the request furthest behind (ties: the older one)
-        heap = [(-self.deficit[c.job], i) for i, c in enumerate(claims) if c.demand]
+        tenants: dict[str, list[Claim]] = {}
+        for c in claims:
+            tenants.setdefault(c.job.tenant, []).append(c)
+        totals = water_fill(width, [sum(c.demand for c in cs) for cs in tenants.values()])
+        limit = float(width)
+        self.deficit = {  # owed at most one step's worth; tenants that left drop out
+            t: min(limit, self.deficit.get(t, 0.0) + share)
+            for t, share in zip(tenants, totals, strict=True)
+        }
+        queues = {t: within_tenant(cs, share) for (t, cs), share in
+                  zip(tenants.items(), totals, strict=True)}  # fmt: skip
+        rows: Allotment = {}
+        # rows one at a time to the tenant furthest behind (ties: the first to arrive)
+        heap = [(-self.deficit[t], i, t) for i, t in enumerate(tenants)]
         heapq.heapify(heap)
         while heap and width:
-            owed, i = heapq.heappop(heap)
-            c = claims[i]
-            given = rows[c.job]
-            if given >= c.resident and free <= (reserve if c.admitted else 0):
-                continue  # it needs a slot and none is free for it: others go first
-            rows[c.job] += 1
-            width -= 1
-            free -= given >= c.resident
-            if rows[c.job] < c.demand:
-                heapq.heappush(heap, (owed + 1, i))
-        for job, given in rows.items():  # spare rows taken are owed back, one step's worth
-            self.deficit[job] = max(-float(limit), self.deficit[job] - given)
-        return {job: n for job, n in rows.items() if n}
+            owed, i, t = heapq.heappop(heap)
+            queue = queues[t]
+            while queue:  # its next row that can run: held, or a new image with a slot
+                c = queue[0]
+                given = rows.get(c.job, 0)
+                if given < c.demand and (given < c.resident or
+                                         free > (reserve if c.admitted else 0)):  # fmt: skip
+                    break
+                queue.popleft()  # done, or needs a slot none is free for: the next request
+            if not queue:
+                continue
+            rows[c.job] = given + 1
+            width, free = width - 1, free - (given >= c.resident)
+            heapq.heappush(heap, (owed + 1, i, t))
+        for t in tenants:  # spare rows taken are owed back, one step's worth
+            given = sum(rows.get(c.job, 0) for c in tenants[t])
+            self.deficit[t] = max(-limit, self.deficit[t] - given)
+        return rows
 
     def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
         return list(waiting)  # free slots go to the most owed: the longest waiting
@@ -262,17 +277,16 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
     return shares
 
 
-def fair_shares(claims: Sequence[Claim], width: int) -> list[float]:
-    """Each request's share of a step's rows: max-min fair among tenants, then among each
-    tenant's requests."""
-    tenants: dict[str, list[int]] = {}
-    for i, c in enumerate(claims):
-        tenants.setdefault(c.job.tenant, []).append(i)
-    groups = list(tenants.values())
-    totals = water_fill(width, [sum(claims[i].demand for i in g) for g in groups])
-    shares = [0.0] * len(claims)
-    for group, total in zip(groups, totals, strict=True):
-        demands = [claims[i].demand for i in group]
-        for i, share in zip(group, water_fill(total, demands), strict=True):
-            shares[i] = share
-    return shares
+def within_tenant(claims: Sequence[Claim], share: float) -> deque[Claim]:
+    """A tenant's requests in the order its rows go: first those whose demand is within the
+    max-min fair level of the tenant's `share` (they run whole: a small request never waits
+    behind a big one), then the bottlenecked ones, oldest first (equal shares would make
+    every big request end as late as the last: processor sharing)."""
+    shares = water_fill(share, [c.demand for c in claims])
+    whole = [c for c, s in zip(claims, shares, strict=True) if s >= c.demand - 1e-9]
+    rest = [c for c in claims if c not in whole]
+    return deque(sorted(whole, key=arrival) + sorted(rest, key=arrival))
+
+
+def arrival(claim: Claim) -> float:
+    return claim.job.enqueued_at

@@ -155,7 +155,7 @@ def test_the_service_loads_the_model_off_the_long_lived_threads(monkeypatch):
 @pytest.mark.parametrize("mode", ["mar", "marche", "turbo"])
 def test_a_paused_image_is_bit_identical_to_the_image_never_paused(pipeline, mode, policy):
     """The real digits engine, one row a step: our request runs alone, then again while
-    another shares the rows (fair: they alternate; deadline: a higher priority one arrives
+    another shares the rows (fair: two tenants, they alternate; deadline: a higher priority one arrives
     at our step 3 and runs first). Paused for half its steps or for a whole other run, it
     keeps its slot, caches and generator: the same bytes."""
     params = SamplingParams(num_iter=10, cfg=2.5)
@@ -165,8 +165,10 @@ def test_a_paused_image_is_bit_identical_to_the_image_never_paused(pipeline, mod
         worker.submit(alone)
         expected = alone.future.result(60).images
         order: list[str] = []
-        ours = job(7, [42], params, mode=mode, priority=1)
-        other = job(3, [5], SamplingParams(num_iter=6, cfg=1.0), mode="turbo", priority=0)
+        # two tenants: fair alternates them on the one row
+        ours = job(7, [42], params, mode=mode, priority=1, tenant="ours")
+        other = job(3, [5], SamplingParams(num_iter=6, cfg=1.0), mode="turbo", priority=0,
+                    tenant="other")  # fmt: skip
         ours.on_event = lambda e: "step" in e and order.append("ours")
         other.on_event = lambda e: "step" in e and order.append("other")
         if policy == "deadline":  # the other request arrives at our step 3
