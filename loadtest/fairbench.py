@@ -155,9 +155,9 @@ def idle_latency(url: str, kinds: list[str], repeats: int) -> dict[str, float]:
     return out
 
 
-def capacity(url: str, width: int, seconds: float) -> float:
-    """Image-steps per second: a closed loop of 2 × width small requests."""
-    images, steps = KINDS["small"]
+def capacity(url: str, width: int, seconds: float, kind: str = "small") -> float:
+    """Image-steps per second: a closed loop of 2 × width requests of `kind`."""
+    images, steps = KINDS[kind]
 
     async def run() -> int:
         done, t_end = 0, time.perf_counter() + seconds
@@ -167,7 +167,7 @@ def capacity(url: str, width: int, seconds: float) -> float:
                 nonlocal done
                 i = 0
                 while time.perf_counter() < t_end:
-                    s = await send(client, Arrival(0, "small"), 800_000 + 1000 * c + i, 0.0)
+                    s = await send(client, Arrival(0, kind), 800_000 + 1000 * c + i, 0.0)
                     done += s.status == 200
                     i += 1
 
@@ -176,6 +176,8 @@ def capacity(url: str, width: int, seconds: float) -> float:
 
     started = time.perf_counter()
     done = asyncio.run(run())
+    if not done:
+        raise RuntimeError(f"no {kind} request succeeded while measuring capacity")
     return done * images * steps / (time.perf_counter() - started)
 
 
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--together", action="store_true", help="every policy at once (flat)")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--tenant-queue", type=int, default=8)
+    p.add_argument("--tenant-queue", type=int, default=32)
     p.add_argument("--capacity-s", type=float, default=30.0)
     p.add_argument("--idle-repeats", type=int, default=3)
     p.add_argument("--port", type=int, default=8310)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i, pol in enumerate(policies)}  # fmt: skip
         first = urls[policies[0]]
         idle = idle_latency(first, kinds, args.idle_repeats)
-        cap = capacity(first, args.max_batch_size, args.capacity_s)
+        cap = capacity(first, args.max_batch_size, args.capacity_s, kinds[0])
         mean_work = (0.8 * 32 + 0.2 * 16 * 128) if args.workload == "mixed" else 32
         rate = args.load * cap / mean_work
         log(f"idle {idle}, capacity {cap:.1f} image-steps/s, {rate:.3f} requests/s")

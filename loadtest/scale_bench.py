@@ -7,6 +7,8 @@ standing in for a GPU, one engine replica per worker (digits, 1 torch thread eac
 * routing: mixed open-loop load (80 % 1-image 32-step, 20 % 16-image 128-step requests) at
   `--load` of the 2-replica capacity, Ray's default router vs the work-aware one, the same
   arrivals: p50/p99 of the small requests, throughput;
+* fairness: the routing phase's load on 2 replicas (work-aware router), fifo against fair
+  scheduling inside the replicas: small- and large-request p99, throughput;
 * autoscale: min 1 / max 2 replicas on work; a load step, then idle: replica count over time;
 * upgrade: a rolling restart of the engine (a changed code version) under steady load;
 * nodeloss: a worker node's raylet killed with requests in flight, new requests arriving.
@@ -72,13 +74,15 @@ class Sample:
 
 
 @contextlib.contextmanager
-def cluster(workers: int, router: str = "work") -> Iterator[tuple[Any, list, Any]]:
+def cluster(
+    workers: int, router: str = "work", policy: str = "fair"
+) -> Iterator[tuple[Any, list, Any]]:
     """A head and `workers` fake-GPU nodes, Serve started; yields (cluster, nodes, deploy)."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    os.environ.update(ENV, MARCHE_ROUTER=router)
+    os.environ.update(ENV, MARCHE_ROUTER=router, MARCHE_SCHEDULING_POLICY=policy)
     system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     c = Cluster(
         initialize_head=True,
@@ -229,14 +233,35 @@ def phase_routing(args, capacity_images_s: float) -> dict[str, Any]:
     plan = arrivals(rate, args.routing_duration, seed=7)
     out: dict[str, Any] = {"rate_rps": round(rate, 4), "arrivals": len(plan),
                            "mean_images_per_request": mean_images}  # fmt: skip
-    for router in ("default", "work"):
-        with cluster(2, router) as (_, _, deploy):
+    for router in ("default", "work"):  # under fifo, as measured before fair scheduling
+        with cluster(2, router, "fifo") as (_, _, deploy):
             deploy(engine(num_replicas=2))
             ready(2)
             asyncio.run(closed_loop(4, 10))
             out[router] = summary(asyncio.run(open_loop(plan)))
             log(f"routing, {router}: {out[router]}")
     out["small_p99_ratio"] = round(out["work"]["small_p99_s"] / out["default"]["small_p99_s"], 3)
+    return out
+
+
+def phase_fairness(args, capacity_images_s: float) -> dict[str, Any]:
+    """The routing phase's mixed load on 2 replicas (work-aware router), fifo against fair
+    scheduling inside each replica, the same arrivals (docs/SERVING.md#fair-scheduling)."""
+    mean_work = 0.8 * 32 + 0.2 * 16 * 128
+    rate = args.load * capacity_images_s * 32 / mean_work
+    plan = arrivals(rate, args.routing_duration, seed=7)
+    out: dict[str, Any] = {"rate_rps": round(rate, 4), "arrivals": len(plan)}
+    for policy in ("fifo", "fair"):
+        with cluster(2, "work", policy) as (_, _, deploy):
+            deploy(engine(num_replicas=2))
+            ready(2)
+            asyncio.run(closed_loop(4, 10))
+            out[policy] = summary(asyncio.run(open_loop(plan)))
+            log(f"fairness, {policy}: {out[policy]}")
+    fifo, fair = out["fifo"], out["fair"]
+    out["small_p99_ratio"] = round(fair["small_p99_s"] / fifo["small_p99_s"], 3)
+    out["large_p99_ratio"] = round(fair["large_p99_s"] / fifo["large_p99_s"], 3)
+    out["throughput_ratio"] = round(fair["images_per_s"] / fifo["images_per_s"], 3)
     return out
 
 
@@ -378,10 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         capacity = capacity or results.get("throughput", {}).get("2_replicas", {}).get(
             "images_per_s"
         )
-        if phase in ("routing", "upgrade", "nodeloss") and not capacity:
+        if phase in ("routing", "fairness", "upgrade", "nodeloss") and not capacity:
             parser.error(f"{phase} needs the 2-replica capacity: run throughput or --capacity")
         if phase == "routing":
             results["routing"] = phase_routing(args, capacity)
+        elif phase == "fairness":
+            results["fairness"] = phase_fairness(args, capacity)
         elif phase == "autoscale":
             results["autoscale"] = phase_autoscale(args)
         elif phase == "upgrade":

@@ -25,6 +25,17 @@ def table(results: dict[str, Any]) -> str:
                          f"{s['small_p99_s']} s; large p50 {s['large_p50_s']} s; "
                          f"{s['images_per_s']} images/s; {s['statuses']} |")  # fmt: skip
         lines.append(f"| routing, small p99 work / default | **{r['small_p99_ratio']}** |")
+    if "fairness" in results:
+        f = results["fairness"]
+        for policy in ("fifo", "fair"):
+            s = f[policy]
+            lines.append(f"| fairness ({policy}, 2 replicas) | small p50 {s['small_p50_s']} s, "
+                         f"p99 {s['small_p99_s']} s; large p50 {s['large_p50_s']} s, p99 "
+                         f"{s['large_p99_s']} s; {s['images_per_s']} images/s; "
+                         f"{s['statuses']} |")  # fmt: skip
+        lines.append(f"| fairness, fair / fifo | small p99 **{f['small_p99_ratio']}**, "
+                     f"large p99 {f['large_p99_ratio']}, throughput "
+                     f"{f['throughput_ratio']} |")  # fmt: skip
     if "autoscale" in results:
         a = results["autoscale"]
         lines.append(f"| autoscale 1 → 2 → 1 | up at {a['scaled_up_at_s']} s, down at "

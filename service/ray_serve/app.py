@@ -93,7 +93,8 @@ class MarcheEngine:
         return {
             "seq": next(self._seq),  # every report differs: the router can tell stale ones
             "image_steps": queue.image_steps(),
-            "free_rows": max(0, queue.max_batch_size - queue.rows_in_use()),
+            "free_slots": max(0, queue.slots - queue.rows_in_use()),
+            "start_s": queue.expected_wait_s() or 0.0,  # a new request's, under the policy
             "step_s": queue.step_time.seconds,
             "rows": queue.max_batch_size,
             "running": running,

@@ -4,13 +4,19 @@ Ray's default router (power of two choices on ongoing *request counts*) treats a
 request like a 16-image 256-step one, 256× the work. Here each engine replica reports its
 outstanding work through `record_routing_stats` (`MarcheEngine.routing_stats`):
 
-    {"seq": n, "image_steps": queued + running image-steps, "free_rows": rows free now,
-     "step_s": its step time, "rows": rows per step}
+    {"seq": n, "image_steps": queued + running image-steps, "free_slots": pool slots free,
+     "start_s": a new request's expected wait under the replica's scheduling policy (what its
+     Retry-After and streams' `queued` events say), "step_s": its step time,
+     "rows": rows per step}
 
-and the router sends each request to the replica whose work would clear first:
+and the router sends each request to the replica where it would start soonest and whose work
+would clear first:
 
-    load(r) = (reported image_steps(r) + image-steps this router sent r since that report)
-              × step_s(r) / rows(r)
+    load(r) = start_s(r) + (reported image_steps(r) + image-steps this router sent r since
+              that report) × step_s(r) / rows(r)
+
+(under fifo the two terms rank alike; under fair a new request starts at once wherever a
+slot is free, and `start_s` counts only when the pool is full).
 
 Replicas come back ranked one per rank, best first: Ray's base class takes the first whose
 ongoing requests are under `max_ongoing_requests`, so a full replica spills to the next.
@@ -57,7 +63,7 @@ class WorkBook:
             return None
         work = stats["image_steps"] + self._sent[replica]
         step_s = stats.get("step_s") or 1.0  # not timed yet: rank by work alone
-        return work * step_s / max(1, stats.get("rows") or 1)
+        return stats.get("start_s", 0.0) + work * step_s / max(1, stats.get("rows") or 1)
 
     def loads(self, replicas: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         """Each replica's `load` from its stats."""

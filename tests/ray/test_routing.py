@@ -26,9 +26,11 @@ class Clock:
         return self.now
 
 
-def stats(seq: int, image_steps: float, step_s: float = 0.1, rows: int = 16) -> dict[str, Any]:
-    return {"seq": seq, "image_steps": image_steps, "free_rows": 0, "step_s": step_s,
-            "rows": rows}  # fmt: skip
+def stats(
+    seq: int, image_steps: float, step_s: float = 0.1, rows: int = 16, start_s: float = 0.0
+) -> dict[str, Any]:
+    return {"seq": seq, "image_steps": image_steps, "free_slots": 0, "step_s": step_s,
+            "rows": rows, "start_s": start_s}  # fmt: skip
 
 
 def test_the_replica_with_the_least_work_comes_first():
@@ -42,6 +44,14 @@ def test_work_is_weighed_by_step_time_and_rows():
     book = WorkBook(clock=Clock())
     slow, fast = stats(1, 1000, step_s=0.2, rows=16), stats(1, 1500, step_s=0.05, rows=16)
     assert book.rank({"slow": slow, "fast": fast}) == ["fast", "slow"]
+
+
+def test_a_replica_whose_pool_is_full_ranks_by_when_a_new_request_would_start():
+    """Fair scheduling: with the same work, the replica where a new request must wait for a
+    slot (its policy's start_s) comes after the one where it starts at once."""
+    book = WorkBook(clock=Clock())
+    full, open_ = stats(1, 1000, start_s=6.4), stats(1, 1200)
+    assert book.rank({"full": full, "open": open_}) == ["open", "full"]
 
 
 def test_sends_since_the_last_report_count_until_the_next_report():
