@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
-from service.core.jobs import Job, JobResult
+from service.core.jobs import ANONYMOUS, Job, JobResult
 from service.core.rows import RowEngine
 from service.core.worker import EngineWorker
 from service.metrics import Metrics
@@ -31,7 +31,7 @@ class EngineRequest:
     mode: str
     timeout_s: float
     request_id: str = ""
-    tenant: str = ""  # a hashed key or user, or "anonymous" (service/http/auth.py)
+    tenant: str = ANONYMOUS  # a hashed key or user (service/http/auth.py)
     priority: int = 0
 
 

@@ -15,6 +15,7 @@ from engine.model.config import SamplingParams
 
 MAX_IMAGES = 16  # images per request
 MAX_STEPS = 256
+ANONYMOUS = "anonymous"  # the tenant of requests with no API key and no OpenAI `user`
 MAX_PRIORITY = 10  # priorities run from -10 (first) to 10; bounded, as a metric label
 MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
 Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
@@ -74,7 +75,7 @@ class Job:
     mode: str
     deadline: float  # time.monotonic() after which the job is dropped
     request_id: str = ""
-    tenant: str = ""  # the fairness key above requests (a hashed API key, or OpenAI's `user`)
+    tenant: str = ANONYMOUS  # the fairness key above requests: a hashed key or OpenAI user
     priority: int = 0  # lower runs first under the deadline policy (vLLM's convention)
     # called from the worker thread with progress/preview events (streaming requests)
     on_event: Callable[[dict[str, Any]], None] | None = None

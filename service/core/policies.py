@@ -93,8 +93,9 @@ class Policy(Protocol):
         """The waiting requests in the order they will start."""
         ...
 
-    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
-        """Steps until waiting `job` (None: a request arriving now) runs its first step."""
+    def start_steps(self, backlog: Backlog, job: Job, now: float) -> float:
+        """Steps until `job` runs its first step: a waiting request, or one arriving now
+        (not in `backlog.waiting`: it would join at the back)."""
         ...
 
 
@@ -121,9 +122,9 @@ class Fifo:
     def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
         return list(waiting)
 
-    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
+    def start_steps(self, backlog: Backlog, job: Job, now: float) -> float:
         """Everything admitted and everything that arrived before it runs first."""
-        before = backlog.waiting if job is None else backlog.waiting[: backlog.waiting.index(job)]
+        before = waiting_before(backlog, job)
         ahead = sum(c.job.work_left for c in backlog.running) + sum(j.work_left for j in before)
         return math.ceil(ahead / max(1, backlog.width))
 
@@ -178,11 +179,25 @@ class Fair:
     def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
         return list(waiting)  # free slots go to the most owed: the longest waiting
 
-    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
-        """A request runs at the step after it gets a slot: at once while slots are free,
-        else when resident rows finish (each runs at width / resident rows a step)."""
-        k = len(backlog.waiting) if job is None else backlog.waiting.index(job)
-        return slot_steps(backlog, k)
+    def start_steps(self, backlog: Backlog, job: Job, now: float) -> float:
+        """Within its tenant's fair level, a request runs as soon as it has a slot: at once
+        while slots are free, else when resident rows finish (`slot_steps`). Bottlenecked,
+        it waits for the requests ahead of it in its tenant (those within the level, and the
+        older bottlenecked ones) to leave it rows: their work over the tenant's share."""
+        others = [j for j in backlog.waiting if j is not job]
+        claims = [*backlog.running, *(Claim(j, 0, len(j.seeds), False) for j in others)]
+        me = Claim(job, 0, len(job.seeds), False)
+        tenants: dict[str, list[Claim]] = {}
+        for c in [*claims, me]:
+            tenants.setdefault(c.job.tenant, []).append(c)
+        totals = water_fill(backlog.width, [sum(c.demand for c in cs) for cs in tenants.values()])
+        share = dict(zip(tenants, totals, strict=True))[job.tenant]
+        order = list(within_tenant(tenants[job.tenant], share))
+        ahead = order[: order.index(me)]
+        level = water_fill(share, [c.demand for c in order])[order.index(me)]
+        if level >= me.demand - 1e-9:  # within the level: it needs only a slot
+            return slot_steps(backlog, sum(not c.admitted for c in ahead))
+        return math.ceil(sum(c.job.work_left for c in ahead) / max(1.0, share))
 
 
 class Deadline:
@@ -200,10 +215,9 @@ class Deadline:
     def order(self, waiting: Sequence[Job], now: float) -> list[Job]:
         return sorted(waiting, key=lambda j: self.rank(j, now))
 
-    def start_steps(self, backlog: Backlog, job: Job | None, now: float) -> float:
-        """The work of every request ranked before it runs first, and it needs a slot (a
-        request arriving now: priority 0, ranked after the others of its priority)."""
-        rank = self.rank(job, now) if job else (0, math.inf, now)
+    def start_steps(self, backlog: Backlog, job: Job, now: float) -> float:
+        """The work of every request ranked before it runs first, and it needs a slot."""
+        rank = self.rank(job, now)
         jobs = [c.job for c in backlog.running] + [j for j in backlog.waiting if j is not job]
         ahead = sum(j.work_left for j in jobs if self.rank(j, now) < rank)
         k = sum(self.rank(j, now) < rank for j in backlog.waiting if j is not job)
@@ -242,6 +256,12 @@ def pool_rows(max_batch_size: int, policy: Policy, pause_rows: int | None = None
     if not policy.pauses:
         return max(max_batch_size, MAX_IMAGES)
     return max_batch_size + (max_batch_size if pause_rows is None else pause_rows)
+
+
+def waiting_before(backlog: Backlog, job: Job) -> Sequence[Job]:
+    """The waiting requests that arrived before `job` (all of them if it is arriving now)."""
+    waiting = backlog.waiting
+    return waiting[: waiting.index(job)] if job in waiting else waiting
 
 
 def slot_steps(backlog: Backlog, k: int) -> float:

@@ -27,11 +27,14 @@ import time
 from collections import deque
 from typing import Any
 
+from engine.model.config import SamplingParams
 from service.core.jobs import Job, JobCancelled, QueueFull, TenantBusy
 from service.core.memory import trim_heap
 from service.core.policies import Backlog, Claim, Fifo, Policy
 from service.core.waits import WaitBook
 from service.metrics import Metrics
+
+NEWCOMER = SamplingParams(num_iter=1)  # the request a wait is estimated for when none is named
 
 
 class StepTime:
@@ -87,7 +90,7 @@ class JobQueue:
             if len(self.waiting) >= self.queue_size:
                 if self.metrics:
                     self.metrics.rejected("queue_full")
-                retry = self.retry_after_s()
+                retry = self.retry_after_s(job)
                 raise QueueFull(f"queue full ({self.queue_size} requests waiting)", retry)
             own = [j for j in self.waiting if j.tenant == job.tenant]
             if self.tenant_queue_size is not None and len(own) >= self.tenant_queue_size:
@@ -144,17 +147,19 @@ class JobQueue:
             return Backlog(running, list(self.waiting), self.max_batch_size, self.slots)
 
     def expected_wait_s(self, job: Job | None = None) -> float | None:
-        """Seconds until waiting `job` (None: a request accepted now) runs its first step,
-        under the policy; None before any step was timed."""
+        """Seconds until `job` runs its first step under the policy: a waiting request, or
+        one arriving now (None: a 1-image request of the anonymous tenant); None before any
+        step was timed."""
         step_s = self.step_time.seconds
         if step_s is None:
             return None
+        job = job or Job(0, [0], NEWCOMER, "", math.inf)
         with self.cond:
             return step_s * self.policy.start_steps(self.backlog(), job, time.monotonic())
 
-    def retry_after_s(self) -> int:
-        """Retry-After of a 503: the expected wait of a request arriving now."""
-        return self._retry_after(self.expected_wait_s())
+    def retry_after_s(self, job: Job | None = None) -> int:
+        """Retry-After of a 503: the expected wait of `job` (or a newcomer) arriving now."""
+        return self._retry_after(self.expected_wait_s(job))
 
     def _retry_after(self, wait: float | None) -> int:
         """A wait as Retry-After: rounded up, within [`min_retry_after_s`, 600]."""

@@ -17,10 +17,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.core.jobs import ANONYMOUS
 from service.settings import ServiceSettings
 
 bearer = HTTPBearer(auto_error=False)  # our own 401 (OpenAI's shape on /v1), not FastAPI's
-ANONYMOUS = "anonymous"
 
 
 class Unauthorized(Exception):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from service.core.jobs import Job
-from service.core.policies import Claim, Deadline, Fair, Fifo, pool_rows, water_fill
+from service.core.policies import Backlog, Claim, Deadline, Fair, Fifo, pool_rows, water_fill
 from service.core.worker import EngineWorker, JobCancelled
 from tests.service.test_scheduler import FakeRows, job
 
@@ -203,3 +203,14 @@ def test_admitted_requests_leave_the_reserve_to_newcomers():
         rows = policy.allot(claims_of((big, 2, 6, True), (small, 0, 1, False)), 8, 2, 0.0, 1)
         # fair serves the small request first: the big one may not take the reserve
         assert rows == ({big: 2, small: 1} if policy.name == "fair" else {big: 3, small: 1})
+
+
+def test_fair_start_estimates_a_small_newcomer_at_once_and_a_big_one_behind_its_elders():
+    big = job(1, list(range(16)), steps=100)
+    backlog = Backlog([Claim(big, 16, 0, True)], [], width=16, slots=32)
+    small, other_big = job(2, [0], steps=32), job(3, list(range(16)), steps=32)
+    assert Fair().start_steps(backlog, small, 0.0) == 0  # a free slot, within the level
+    assert Fair().start_steps(backlog, other_big, 0.0) == 100  # 1600 image-steps, 16 rows
+    full = Backlog([Claim(big, 16, 0, True)], [], width=16, slots=16)
+    assert Fair().start_steps(full, small, 0.0) == 100  # no slot until big's rows finish
+    assert Fifo().start_steps(backlog, small, 0.0) == 100  # fifo: all the work ahead

@@ -155,9 +155,9 @@ def test_the_service_loads_the_model_off_the_long_lived_threads(monkeypatch):
 @pytest.mark.parametrize("mode", ["mar", "marche", "turbo"])
 def test_a_paused_image_is_bit_identical_to_the_image_never_paused(pipeline, mode, policy):
     """The real digits engine, one row a step: our request runs alone, then again while
-    another shares the rows (fair: two tenants, they alternate; deadline: a higher priority one arrives
-    at our step 3 and runs first). Paused for half its steps or for a whole other run, it
-    keeps its slot, caches and generator: the same bytes."""
+    another shares the rows (fair: two tenants, they alternate; deadline: a higher priority
+    one arrives at our step 3 and runs first). Paused for half its steps or for a whole
+    other run, it keeps its slot, caches and generator: the same bytes."""
     params = SamplingParams(num_iter=10, cfg=2.5)
     worker, _ = started_worker(pipeline, max_batch_size=1, policy=policy)
     try:
