@@ -21,6 +21,9 @@ def serve(
     scheduler: Annotated[
         str | None, typer.Option(help="continuous (step-level batching) or static")
     ] = None,
+    scheduling_policy: Annotated[
+        str | None, typer.Option(help="continuous: fair (default), fifo or deadline")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="images per batch")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="batch fill wait")] = None,
     queue_size: Annotated[int | None, typer.Option(help="waiting requests before 503")] = None,
@@ -67,6 +70,7 @@ def serve(
         "device": device,
         "dtype": dtype,
         "scheduler": scheduler,
+        "scheduling_policy": scheduling_policy,
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "queue_size": queue_size,
