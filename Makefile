@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -117,6 +117,15 @@ loadbench: install  ## static vs continuous at 50/80/95% of capacity (~15 min on
 loadbench-flat: install  ## continuous batching on a flat-step engine (~6 min)
 	$(BIN)/python -m loadtest.loadbench --engine flat --schedulers continuous --steps 64 \
 		--duration 60 --capacity-s 30 --out docs/results/loadbench_flat
+
+# Fair scheduling (docs/SERVING.md#fair-scheduling-measured): fifo, fair and deadline servers on
+# the same open-loop arrivals, side by side (the flat engine's steps sleep, so all three run at
+# once; the digits engine's take the CPU, so each round runs them in turn). JSON, tables, plots
+# in docs/results/fairbench/.
+fairbench: install  ## fifo vs fair vs deadline: mixed load and a two-tenant flood, flat engine then digits (~45 min)
+	$(BIN)/python -m loadtest.fairbench --engine flat --workload mixed --together --duration 600
+	$(BIN)/python -m loadtest.fairbench --engine flat --workload tenants --together --duration 300 --load 1.5
+	$(BIN)/python -m loadtest.fairbench --engine real --workload mixed --duration 240 --rounds 3
 
 # Scale-out on a local multi-node Ray cluster (fake GPUs): throughput 1 vs 2 replicas, default vs
 # work-aware routing, autoscaling, a rolling upgrade and a node loss under load. Run it alone.
