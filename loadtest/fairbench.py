@@ -28,18 +28,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
+from loadtest import loadbench
 from loadtest.loadbench import percentile
 
 KINDS = {  # request classes: (images, steps)
@@ -108,40 +106,14 @@ async def play(url: str, arrivals: list[Arrival], offset: int = 0) -> list[Sampl
         return list(await asyncio.gather(*tasks))
 
 
-@contextlib.contextmanager
-def server(policy: str, port: int, args) -> Iterator[str]:
-    env = os.environ | {
-        "MARCHE_SCHEDULING_POLICY": policy,
-        "MARCHE_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "MARCHE_QUEUE_SIZE": "512",
-        "MARCHE_REQUEST_TIMEOUT_S": "900",
-    }
+def server(policy: str, port: int, args) -> contextlib.AbstractContextManager[str]:
+    """`loadbench.server` (continuous batching) under `policy`, with the tenants' keys and
+    waiting limit for that workload."""
+    settings = {"MARCHE_SCHEDULING_POLICY": policy, "MARCHE_REQUEST_TIMEOUT_S": "900"}
     if args.workload == "tenants":
-        env |= {"MARCHE_API_KEYS": ",".join(KEYS.values()),
-                "MARCHE_TENANT_QUEUE_SIZE": str(args.tenant_queue)}  # fmt: skip
-    if args.engine == "flat":
-        cmd = [sys.executable, "-m", "loadtest.flat_engine", "--port", str(port)]
-    else:
-        cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
-               "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None:
-                raise RuntimeError(f"{policy} server exited with {proc.returncode}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        settings |= {"MARCHE_API_KEYS": ",".join(KEYS.values()),
+                     "MARCHE_TENANT_QUEUE_SIZE": str(args.tenant_queue)}  # fmt: skip
+    return loadbench.server("continuous", port, args.max_batch_size, args.engine, settings)
 
 
 def idle_latency(url: str, kinds: list[str], repeats: int) -> dict[str, float]:

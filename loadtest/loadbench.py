@@ -128,11 +128,15 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def server(scheduler: str, port: int, max_batch_size: int, engine: str = "real") -> Iterator[str]:
+def server(
+    scheduler: str, port: int, max_batch_size: int, engine: str = "real",
+    settings: dict[str, str] | None = None,
+) -> Iterator[str]:  # fmt: skip
     """`marche serve --scheduler S` on localhost:port until ready (`engine="flat"`: the same
-    app on `loadtest.flat_engine`'s synthetic engine); stopped on exit."""
+    app on `loadtest.flat_engine`'s synthetic engine), with more `MARCHE_*` `settings`;
+    stopped on exit."""
     env = os.environ | {"MARCHE_SCHEDULER": scheduler, "MARCHE_MAX_BATCH_SIZE": str(max_batch_size),
-                        "MARCHE_QUEUE_SIZE": "512"}  # fmt: skip
+                        "MARCHE_QUEUE_SIZE": "512", **(settings or {})}  # fmt: skip
     if engine == "flat":
         cmd = [sys.executable, "-m", "loadtest.flat_engine", "--port", str(port)]
     else:

@@ -66,6 +66,16 @@ class Backlog:
     width: int  # rows a step runs
     slots: int  # the pool's slots
 
+    def claims(self, without: Job | None = None) -> list[Claim]:
+        """The admitted requests' claims, then the waiting ones' (but `without`'s)."""
+        waiting = [Claim(j, 0, len(j.seeds), False) for j in self.waiting if j is not without]
+        return [*self.running, *waiting]
+
+    @property
+    def free(self) -> int:
+        """Slots no resident row holds."""
+        return self.slots - sum(c.resident for c in self.running)
+
     def rows_left(self) -> list[float]:
         """Steps left of each resident row (a request's unfinished images share its work)."""
         left = []
@@ -141,10 +151,7 @@ class Fair:
     def allot(
         self, claims: Sequence[Claim], width: int, free: int, now: float, reserve: int = 0
     ) -> Allotment:
-        tenants: dict[str, list[Claim]] = {}
-        for c in claims:
-            tenants.setdefault(c.job.tenant, []).append(c)
-        totals = water_fill(width, [sum(c.demand for c in cs) for cs in tenants.values()])
+        tenants, totals = tenant_shares(claims, width)
         limit = float(width)
         self.deficit = {  # owed at most one step's worth; tenants that left drop out
             t: min(limit, self.deficit.get(t, 0.0) + share)
@@ -184,13 +191,8 @@ class Fair:
         while slots are free, else when resident rows finish (`slot_steps`). Bottlenecked,
         it waits for the requests ahead of it in its tenant (those within the level, and the
         older bottlenecked ones) to leave it rows: their work over the tenant's share."""
-        others = [j for j in backlog.waiting if j is not job]
-        claims = [*backlog.running, *(Claim(j, 0, len(j.seeds), False) for j in others)]
         me = Claim(job, 0, len(job.seeds), False)
-        tenants: dict[str, list[Claim]] = {}
-        for c in [*claims, me]:
-            tenants.setdefault(c.job.tenant, []).append(c)
-        totals = water_fill(backlog.width, [sum(c.demand for c in cs) for cs in tenants.values()])
+        tenants, totals = tenant_shares([*backlog.claims(without=job), me], backlog.width)
         share = dict(zip(tenants, totals, strict=True))[job.tenant]
         order = list(within_tenant(tenants[job.tenant], share))
         ahead = order[: order.index(me)]
@@ -252,7 +254,7 @@ def pool_rows(max_batch_size: int, policy: Policy, pause_rows: int | None = None
     default `max_batch_size`; half of that room is the reserve, `reserve_rows`); fifo
     admits a request whole and runs one wider than `max_batch_size` on an idle engine, so
     any single request must fit. A slot costs its caches: the pool's memory grows with it
-    (docs/SERVING.md#fairness)."""
+    (docs/SERVING.md#pauses-and-the-pools-size)."""
     if not policy.pauses:
         return max(max_batch_size, MAX_IMAGES)
     return max_batch_size + (max_batch_size if pause_rows is None else pause_rows)
@@ -268,8 +270,7 @@ def slot_steps(backlog: Backlog, k: int) -> float:
     """Steps until the waiting request with `k` others ahead of it gets a slot: the pool's
     free slots first, then resident rows as they finish, soonest first, each running at
     width / resident rows a step; past them, the same again."""
-    left = sorted(backlog.rows_left())
-    free = backlog.slots - len(left)
+    left, free = sorted(backlog.rows_left()), backlog.free
     if k < free:
         return 0.0
     if not left:
@@ -295,6 +296,17 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
         shares[i] = min(demands[i], capacity / (len(order) - k))
         capacity -= shares[i]
     return shares
+
+
+def tenant_shares(
+    claims: Sequence[Claim], width: int
+) -> tuple[dict[str, list[Claim]], list[float]]:
+    """The claims by tenant (in first-claim order) and each tenant's max-min fair share of
+    a step's `width` rows."""
+    tenants: dict[str, list[Claim]] = {}
+    for c in claims:
+        tenants.setdefault(c.job.tenant, []).append(c)
+    return tenants, water_fill(width, [sum(c.demand for c in cs) for cs in tenants.values()])
 
 
 def within_tenant(claims: Sequence[Claim], share: float) -> deque[Claim]:

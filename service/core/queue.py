@@ -187,6 +187,13 @@ class JobQueue:
             finally:
                 self.cond.acquire()
 
+    def record_wait(self, job: Job, wait_s: float) -> None:
+        """A request admitted after `wait_s`: /info's per-tenant and per-priority waits, and
+        its tenant's wait histogram."""
+        label = self.waits.record(job.tenant, job.priority, wait_s)
+        if self.metrics:
+            self.metrics.tenant_wait(label, job.priority, wait_s)
+
     def expire_waiting(self) -> None:
         now = time.monotonic()
         for job in [j for j in self.waiting if j.deadline <= now]:

@@ -30,7 +30,7 @@ import numpy as np
 from engine.decode.policy import MODES
 from engine.model.config import SamplingParams
 from service.core.jobs import EngineError, Job, JobResult
-from service.core.policies import Claim, Policy, make_policy, reserve_rows
+from service.core.policies import reserve_rows
 from service.core.queue import JobQueue
 from service.core.rows import RowEngine
 
@@ -38,15 +38,10 @@ log = logging.getLogger("marche.worker")
 
 
 class ContinuousScheduler:
-    def __init__(
-        self,
-        queue: JobQueue,
-        rows: RowEngine,
-        preview_every: int = 4,
-        policy: Policy | None = None,
-    ) -> None:
+    def __init__(self, queue: JobQueue, rows: RowEngine, preview_every: int = 4) -> None:
+        """The scheduling policy is the queue's (`queue.policy`): its wait estimates and
+        this scheduler's choices come from the same object."""
         self.queue, self.rows, self.preview_every = queue, rows, preview_every
-        self.policy = policy or make_policy("fifo")
 
     def warmup(self, params: SamplingParams, steps: int = 3) -> None:
         """The first `steps` steps of `max_batch_size` rows of `params` (the model's defaults),
@@ -100,29 +95,25 @@ class ContinuousScheduler:
     def _schedule(self, running: dict[Job, dict[int, Any]], now: float) -> list[tuple]:
         """This step's (job, image, row) triples, new images admitted; waiting requests that
         got rows move to `running`."""
-        q = self.queue
-        if not self.policy.pauses:  # whole requests: one that can never fit fails, not blocks
+        q, policy = self.queue, self.queue.policy
+        if not policy.pauses:  # whole requests: one that can never fit fails, not blocks
             for job in [j for j in q.waiting if len(j.seeds) > self.rows.capacity]:
                 q.waiting.remove(job)
                 job.fail(EngineError(f"{len(job.seeds)} images exceed the engine's "
                                      f"{self.rows.capacity} rows"))  # fmt: skip
-        waiting = list(q.waiting)
-        claims = [Claim(j, len(r), len(j.seeds) - j.admitted, True) for j, r in running.items()]
-        claims += [Claim(j, 0, len(j.seeds), False) for j in waiting]
+        backlog = q.backlog()  # `running` is the queue's: its claims are the running ones
+        claims, waiting = backlog.claims(), backlog.waiting
         width = min(q.max_batch_size, self.rows.capacity)
-        free = self.rows.capacity - sum(len(r) for r in running.values())
-        reserve = reserve_rows(self.rows.capacity, width, self.policy)
-        allotment = self.policy.allot(claims, width, free, now, reserve) if claims else {}
+        reserve = reserve_rows(self.rows.capacity, width, policy)
+        allotment = policy.allot(claims, width, backlog.free, now, reserve) if claims else {}
         batch, mid_flight = [], bool(running)  # joining rows that are already decoding
         for job in [j for j in waiting if allotment.get(j, 0)]:
             q.waiting.remove(job)
             running[job] = {}
             job.started_at = now
-            q.waits.record(job.tenant, job.priority, now - job.enqueued_at)
+            q.record_wait(job, now - job.enqueued_at)
             if q.metrics:
                 q.metrics.admitted(job.mode, allotment[job], now - job.enqueued_at, mid_flight)
-                label = q.waits.tenant_label(job.tenant)
-                q.metrics.tenant_wait(label, job.priority, now - job.enqueued_at)
         for job, n in allotment.items():
             held = running[job]
             new = list(range(job.admitted, job.admitted + max(0, n - len(held))))

@@ -95,7 +95,7 @@ class StaticScheduler:
         mode, started = batch[0].mode, time.monotonic()
         owners = [job for job in batch for _ in job.seeds]  # row -> job
         for job in batch:
-            q.waits.record(job.tenant, job.priority, started - job.enqueued_at)
+            q.record_wait(job, started - job.enqueued_at)
         if q.metrics:
             q.metrics.batch_started(mode, len(owners), [started - j.enqueued_at for j in batch])
         policy = make_policy(mode, self.marche)

@@ -27,12 +27,14 @@ class WaitBook:
                 return tenant
         return "other"
 
-    def record(self, tenant: str, priority: int, wait_s: float) -> None:
+    def record(self, tenant: str, priority: int, wait_s: float) -> str:
+        """Note a wait; returns the tenant's label (`tenant_label`)."""
         label = self.tenant_label(tenant)
         with self._lock:
             self._tenants.setdefault(label, deque(maxlen=WINDOW)).append(wait_s)
             self._priorities.setdefault(priority, deque(maxlen=WINDOW)).append(wait_s)
             self._counts[label] = self._counts.get(label, 0) + 1
+        return label
 
     def view(self) -> dict[str, Any]:
         """{"tenants": {name: summary}, "priorities": {p: summary}}; a summary is admitted

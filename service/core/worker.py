@@ -71,6 +71,7 @@ class EngineWorker:
         self.warmup_params = warmup_params  # None: the model's defaults
         self.marche = marche or MarcheConfig()
         self.metrics = metrics
+        scheduling = make_policy(policy if scheduler == "continuous" else "fifo", aging_s)
         self.ready = False
         self.last_error: str | None = None
         self.queue = JobQueue(
@@ -80,17 +81,17 @@ class EngineWorker:
             metrics=metrics,
             retry_after_s=retry_after_s,
             idle_trim_s=idle_trim_s,
+            policy=scheduling,
             tenant_queue_size=tenant_queue_size,
         )
         self._scheduler: StaticScheduler | ContinuousScheduler
         if scheduler == "static":
             self._scheduler = StaticScheduler(self.queue, pipeline, self.marche, preview_every)
         else:
-            chooser = make_policy(policy, aging_s)
-            capacity = pool_rows(max_batch_size, chooser, pause_rows)
+            capacity = pool_rows(max_batch_size, scheduling, pause_rows)
             rows = rows or PipelineRows(pipeline, capacity, self.marche)
-            self.queue.policy, self.queue.slots = chooser, rows.capacity
-            self._scheduler = ContinuousScheduler(self.queue, rows, preview_every, chooser)
+            self.queue.slots = rows.capacity
+            self._scheduler = ContinuousScheduler(self.queue, rows, preview_every)
         self._thread: threading.Thread | None = None
 
     # -- the HTTP side (any thread) --------------------------------------------------------------
