@@ -100,17 +100,26 @@ class HeadPolicy:
     def __init__(self, config: HeadConfig | None = None) -> None:
         self.config = config or HeadConfig()
 
-    def schedule(self, head: DiffLoss, step: int, num_iter: int) -> DiffusionSchedule:
+    def schedule(
+        self, head: DiffLoss, step: int, num_iter: int, scale: float = 1.0
+    ) -> DiffusionSchedule:
+        """The DDPM schedule of AR step `step` of `num_iter`; `scale` multiplies its step
+        count (FTS: more steps for some tokens, fewer for others; rounded down, at least 1 and at
+        most the native count)."""
         native = head.gen_schedule
         config = self.config
-        if config.schedule == "constant" and (
-            config.upper is None or config.upper >= native.num_timesteps
-        ):
+        if config.schedule == "constant" and config.upper is None:
+            num_t = native.num_timesteps
+        else:
+            num_t = config.num_steps(step, num_iter, native.num_timesteps)
+        if scale != 1.0:
+            num_t = max(1, min(native.num_timesteps, math.floor(num_t * scale)))
+        if config.schedule == "constant" and num_t >= native.num_timesteps:
             return native
-        return clipped_schedule(config.num_steps(step, num_iter, native.num_timesteps), config.clip)
+        return clipped_schedule(num_t, config.clip)
 
-    def plan(self, head: DiffLoss, step: int, num_iter: int) -> HeadPlan:
-        schedule = self.schedule(head, step, num_iter)
+    def plan(self, head: DiffLoss, step: int, num_iter: int, scale: float = 1.0) -> HeadPlan:
+        schedule = self.schedule(head, step, num_iter, scale)
         if self.config.cache_period == 0:
             return HeadPlan(schedule)
         num_t = schedule.num_timesteps

@@ -8,7 +8,10 @@ for:
   against;
 * `marche`: MARché's cache-aware decoder (arXiv 2506.12035), head untouched;
 * `turbo`: MARché + the CFG condition cache + DiSA's head-step annealing + LazyMAR's head cache
-  (the combination measured best on FLOPs at bounded quality: docs/ENGINE.md, "Turbo").
+  (the combination measured best on FLOPs at bounded quality: docs/ENGINE.md, "Turbo");
+* `quality` and `fast`: GtR's two-stage order (arXiv 2510.17171) on top of the caches, chosen
+  by measurement: no measured drift, and the most FLOPs saved within the drift bounds
+  (docs/ENGINE.md, "GtR").
 
 `make_policy` wraps a config with what a run through it records (active-token fractions,
 condition-cache skips).
@@ -19,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from engine.decode.cond_cache import CondCacheConfig
+from engine.decode.gtr import FtsConfig, GtrConfig
 from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
 
@@ -30,15 +34,34 @@ class DecodeConfig:
     marche: MarcheConfig | None = None  # None: the transformer recomputes every step
     cond_cache: CondCacheConfig | None = None  # None: both CFG halves every step
     head: HeadConfig = field(default_factory=HeadConfig)
+    gtr: GtrConfig | None = None  # None: MAR's one-stage random order over num_iter steps
+    fts: FtsConfig | None = None  # None: every token of a step gets the head's steps
+
+    def num_steps(self, num_iter: int) -> int:
+        """AR steps a run of `num_iter` takes under this config (GtR: S + K)."""
+        if self.gtr is None:
+            return num_iter
+        return self.gtr.structure_steps(num_iter) + self.gtr.reconstruction_steps
 
 
+_MARCHE = MarcheConfig()
+_TURBO = DecodeConfig(
+    marche=_MARCHE,
+    cond_cache=CondCacheConfig(refresh_period=9),  # LazyMAR's K; rarer than MARché's R 3
+    head=HeadConfig(schedule="linear", upper=50, lower=10, cache_period=3),  # DiSA: 50 -> 5
+)
 PRESETS: dict[str, DecodeConfig] = {
     "mar": DecodeConfig(),
-    "marche": DecodeConfig(marche=MarcheConfig()),
-    "turbo": DecodeConfig(
-        marche=MarcheConfig(),
-        cond_cache=CondCacheConfig(refresh_period=9),  # LazyMAR's K; rarer than MARché's R 3
-        head=HeadConfig(schedule="linear", upper=50, lower=10, cache_period=3),  # DiSA: 50 -> 5
+    "marche": DecodeConfig(marche=_MARCHE),
+    "turbo": _TURBO,
+    "quality": DecodeConfig(  # GtR at no measured drift: docs/ENGINE.md, "GtR"
+        marche=_MARCHE,
+        cond_cache=CondCacheConfig(refresh_period=9),
+        head=HeadConfig(cache_period=3),
+        gtr=GtrConfig(structure_share=0.5, reconstruction_steps=2),
+    ),
+    "fast": replace(  # the most FLOPs saved within the drift bounds: docs/ENGINE.md, "GtR"
+        _TURBO, gtr=GtrConfig(structure_share=0.25, reconstruction_steps=2), fts=FtsConfig()
     ),
 }
 MODES = tuple(PRESETS)

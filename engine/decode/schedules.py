@@ -31,6 +31,7 @@ class Step:
     unknown_before: int  # tokens still unknown when the step starts
     mask_len: int  # clamped mask_len as upstream computes it (drives linear CFG)
     num_pred: int  # tokens predicted this step, per image (may be 0 for short sequences)
+    stage: int = 0  # GtR's two-stage order: 0 structure (or a one-stage run), 1 reconstruction
 
 
 def step_plan(num_iter: int, seq_len: int) -> list[Step]:

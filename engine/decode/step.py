@@ -13,8 +13,9 @@ release. `StepEngine.step(rows)` advances every row by one AR step of its own ru
    steps: known tokens padded and masked), one lazy MARché pass per MARché config, the
    condition cache's h_uncond = h_cond + diff for rows that skipped their unconditional half,
    then the head over the flat set of predicted tokens, one call per head plan (rows whose
-   head schedules agree at this step share it), with per-token cfg and temperature. Each
-   phase runs as a unit or eager, chosen in one place (`units.common.run_phase`); the eager
+   head schedules agree at this step share it; under FTS a row's tokens split between two
+   plans by their neighbourhood's high-frequency energy), with per-token cfg and temperature.
+   Each phase runs as a unit or eager, chosen in one place (`units.common.run_phase`); the eager
    passes are in `passes/`, their units in `units/`, and both return what they computed;
 3. update: the passes' encoder lengths and the sampled tokens go into the pool; each row
    moves on.
@@ -31,7 +32,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.decode.head import HeadPolicy
+from engine.decode.gtr import (
+    fts_split,
+    high_frequency_energy,
+    structure_mask,
+    two_stage_order,
+    two_stage_plan,
+)
+from engine.decode.head import HeadPlan, HeadPolicy
 from engine.decode.passes import head as head_pass
 from engine.decode.passes.common import Call, PassOutput
 from engine.decode.passes.full import full_pass
@@ -57,6 +65,7 @@ class Row:
     slot: int  # its slot in the pool
     order: Tensor  # (L,) generation order; the tail is generated first
     steps: list[Step]  # the steps of its run that predict tokens
+    num_steps: int  # steps of its run, counting any that predict none (the head's progress)
     cfg_scales: Tensor  # (len(steps),) guidance scale of each of those steps, on the device
     temperature: Tensor  # (1,)
     head: HeadPolicy
@@ -126,9 +135,15 @@ class StepEngine:
     ) -> Row:
         """A new row at step 0 in a free slot (raises `PoolFull` when there is none)."""
         seq_len, device = self.model.config.seq_len, self.pool.device
-        steps = [s for s in step_plan(params.num_iter, seq_len) if s.num_pred > 0]
-        scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in steps]
         order = randomness.order().to(device)  # drawn first, as upstream does
+        if config.gtr is None:
+            plan = step_plan(params.num_iter, seq_len)
+        else:  # GtR: the structure half first (the order's tail), then the reconstruction half
+            structure = structure_mask(seq_len, device)
+            order = two_stage_order(order, structure)
+            plan = two_stage_plan(params.num_iter, seq_len, seq_len - seq_len // 2, config.gtr)
+        steps = [s for s in plan if s.num_pred > 0]
+        scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in steps]
         slot = self.pool.acquire()
         self.pool.tokens[slot].zero_()
         self.pool.orders[slot].copy_(order)  # where the lazy units read positions
@@ -140,6 +155,7 @@ class StepEngine:
             slot=slot,
             order=order,
             steps=steps,
+            num_steps=len(plan),
             cfg_scales=torch.tensor(scales, dtype=torch.float32, device=device),
             temperature=torch.full((1,), float(params.temperature), device=device),
             head=HeadPolicy(config.head),
@@ -242,33 +258,83 @@ class StepEngine:
         return w.h[0], w.h[0] + diff[w.pred]
 
     def _head(self, work: list[_RowStep], guidance: list[tuple[Tensor, ...]]) -> None:
-        """Sample every predicted token, one head call per (head plan, guided) group."""
+        """Sample every predicted token, one head call per (head plan, guided) group: a row
+        step's tokens share its plan, or under FTS split between two plans."""
         model, pool = self.model, self.pool
         seq_len = model.config.seq_len
         groups: dict[tuple, tuple] = {}
         for w, h in zip(work, guidance, strict=True):
-            plan = w.row.head.plan(model.diffloss, w.step.index, w.row.params.num_iter)
-            groups.setdefault((plan.key, w.row.guided), (plan, []))[1].append((w, h))
-        for (_, guided), (plan, group) in groups.items():
-            ws = [w for w, _ in group]
-            pos = torch.cat([w.pred for w in ws])[None]  # (1, K) every token of the group
+            noise = w.row.randomness.noise(w.step.index, w.pred)  # one draw per row step
+            for plan, part in self._head_parts(w):
+                entry = _HeadPart(w, h, noise, part)
+                groups.setdefault((plan.key, w.row.guided), (plan, []))[1].append(entry)
+        for (_, guided), (plan, parts) in groups.items():
+            pos = torch.cat([p.pred for p in parts])[None]  # (1, K) every token of the group
             halves = (0, 1) if guided else (0,)
             z = torch.cat(  # (K, D), or (2K, D) = [cond; uncond]
                 [
-                    model.decoder_output_at(torch.cat([h[i] for _, h in group])[None], pos)[0]
+                    model.decoder_output_at(torch.cat([p.h(i) for p in parts])[None], pos)[0]
                     for i in halves
                 ]
             )
-            noise = [w.row.randomness.noise(w.step.index, w.pred) for w in ws]
-            x_T = torch.cat([n[0] for n in noise]).float()  # (K, C)
-            step_noise = torch.cat([n[1] for n in noise], dim=1).float()  # (T, K, C)
-            temperature = torch.cat([w.row.temperature.expand(len(w.pred)) for w in ws])
+            x_T = torch.cat([p.x_T for p in parts]).float()  # (K, C)
+            step_noise = torch.cat([p.step_noise for p in parts], dim=1).float()  # (T, K, C)
+            temperature = torch.cat([p.w.row.temperature.expand(len(p.pred)) for p in parts])
             cfg = None
             if guided:
-                cfg = torch.cat([w.row.cfg_scales[w.row.done].expand(len(w.pred)) for w in ws])
-                cfg = cfg[:, None]  # (K, 1)
+                cfg = torch.cat([p.cfg_scale.expand(len(p.pred)) for p in parts])[:, None]
             x0 = run_phase(self.units.head, head_pass.sample, model.diffloss, plan, z, x_T,
                            step_noise, temperature[:, None], cfg)  # fmt: skip
-            flat = torch.cat([w.row.slot * seq_len + w.pred for w in ws])
+            flat = torch.cat([p.w.row.slot * seq_len + p.pred for p in parts])
             tokens = pool.tokens.view(-1, pool.tokens.shape[-1])
             tokens.index_copy_(0, flat, x0.to(tokens.dtype))
+
+    def _head_parts(self, w: _RowStep) -> list[tuple[HeadPlan, Tensor | None]]:
+        """(plan, local indices into w.pred, None for all) of a row step's head work: one
+        plan, or under FTS the high-energy tokens' and the others'."""
+        row, head = w.row, self.model.diffloss
+        fts = row.config.fts
+        stage = 1 if row.config.gtr is not None else 0  # FTS needs known neighbours
+        if fts is None or w.step.stage != stage or row.done == 0 or len(w.pred) < 2:
+            return [(row.head.plan(head, w.step.index, row.num_steps), None)]
+        num_high = fts.high_count(len(w.pred))
+        known = torch.zeros(len(row.order), dtype=torch.bool, device=row.order.device)
+        known.index_fill_(0, row.order[w.step.unknown_before :], True)
+        energy = high_frequency_energy(self.pool.tokens[row.slot], known)
+        high, low = fts_split(energy, w.pred, num_high)
+        parts = [(fts.high, high), (fts.low, low)]
+        return [
+            (row.head.plan(head, w.step.index, row.num_steps, scale), part)
+            for scale, part in parts
+            if len(part)
+        ]
+
+
+@dataclass(eq=False)
+class _HeadPart:
+    """The tokens of one row step that share a head plan, and their noise."""
+
+    w: _RowStep
+    guidance: tuple[Tensor, ...]  # (h_cond,) or (h_cond, h_uncond), (k, D) each
+    noise: tuple[Tensor, Tensor]  # the row step's x_T (k, C) and step noise (T, k, C)
+    part: Tensor | None  # local indices into w.pred; None: all of them
+
+    @property
+    def pred(self) -> Tensor:
+        return self.w.pred if self.part is None else self.w.pred[self.part]
+
+    def h(self, half: int) -> Tensor:
+        h = self.guidance[half]
+        return h if self.part is None else h[self.part]
+
+    @property
+    def cfg_scale(self) -> Tensor:
+        return self.w.row.cfg_scales[self.w.row.done]
+
+    @property
+    def x_T(self) -> Tensor:
+        return self.noise[0] if self.part is None else self.noise[0][self.part]
+
+    @property
+    def step_noise(self) -> Tensor:
+        return self.noise[1] if self.part is None else self.noise[1][:, self.part]

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.decode.policy import MODES
+from engine.decode.policy import MODES, preset
 from engine.model.config import SamplingParams
 
 MAX_IMAGES = 16  # images per request
@@ -18,7 +18,7 @@ MAX_STEPS = 256
 ANONYMOUS = "anonymous"  # the tenant of requests with no API key and no OpenAI `user`
 MAX_PRIORITY = 10  # priorities run from -10 (first) to 10; bounded, as a metric label
 MAX_SEED = 2**53 - 1  # exact in a JSON number (an IEEE double): schema-valid seeds stay valid
-Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo
+Mode = Literal[MODES]  # the engine's presets: mar, marche, turbo, quality, fast
 
 
 class QueueFull(Exception):
@@ -90,9 +90,14 @@ class Job:
     closed: bool = False  # answered or dropped (counted once, whatever the future's state)
 
     @property
+    def steps(self) -> int:
+        """AR steps each of its images takes (its mode may take fewer than `num_iter`: GtR)."""
+        return preset(self.mode).num_steps(self.params.num_iter)
+
+    @property
     def work_left(self) -> int:
         """Image-steps still to run: images × steps not yet taken (the unit of engine work)."""
-        return max(0, len(self.seeds) * self.params.num_iter - self.image_steps_done)
+        return max(0, len(self.seeds) * self.steps - self.image_steps_done)
 
     @property
     def key(self) -> tuple[int, str]:

@@ -80,7 +80,7 @@ class PipelineRows:
 
     def progress(self, row: Any) -> tuple[int, int, int, int]:
         step = row.steps[row.done - 1].index + 1 if row.done else 0
-        return step, row.params.num_iter, row.tokens_done, len(row.order)
+        return step, row.num_steps, row.tokens_done, len(row.order)
 
     def active_fraction(self, row: Any) -> float:
         return row.active[-1]

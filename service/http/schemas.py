@@ -55,7 +55,11 @@ class GenerateRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10, description="diffusion temperature")
     cfg_schedule: Literal["linear", "constant"] | None = None
     mode: Mode | None = Field(
-        None, description="decoding: mar (exact), marche (cache-aware), turbo (every cache)"
+        None,
+        description=(
+            "decoding: mar (exact), marche (cache-aware), turbo (every cache), quality "
+            "(GtR, no measured drift), fast (GtR + every cache)"
+        ),
     )
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images; >1 returns a grid")
     priority: int = Field(

@@ -22,6 +22,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 
+from engine.decode.policy import preset
 from service.core.client import EngineRequest
 from service.core.jobs import EngineError, JobResult, QueueFull, TenantBusy
 from service.metrics import Metrics
@@ -46,7 +47,7 @@ def replica_failed(exc: RayError) -> EngineError:
 
 def work(request: EngineRequest) -> int:
     """The request's image-steps: what the router weighs it by."""
-    return len(request.seeds) * request.params.num_iter
+    return len(request.seeds) * preset(request.mode).num_steps(request.params.num_iter)
 
 
 class RayEngineClient:

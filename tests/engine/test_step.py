@@ -80,7 +80,7 @@ def test_rows_at_different_steps_share_one_transformer_pass(deep, monkeypatch):
 
 def test_mixed_modes_match_each_mode_alone(deep):
     """One batch, one row per mode, every row at its own step: each equals its mode alone."""
-    engine = StepEngine(deep, capacity=3)
+    engine = StepEngine(deep, capacity=len(MODES))
     rows = []
     for i, mode in enumerate(MODES):
         rows.append(engine.admit(3 + i, GUIDED, PRESETS[mode], rng(deep, i)))

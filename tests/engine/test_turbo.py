@@ -114,7 +114,7 @@ def test_config_validation():
         HeadConfig(upper=3, lower=5)
     with pytest.raises(ValueError):
         CondCacheConfig(refresh_period=0)
-    assert set(MODES) == {"mar", "marche", "turbo"}
+    assert set(MODES) == {"mar", "marche", "turbo", "quality", "fast"}
 
 
 @pytest.mark.parametrize("mode", MODES)

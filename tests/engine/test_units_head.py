@@ -13,7 +13,7 @@ from engine.decode.head import HeadConfig, HeadPlan, HeadPolicy, clipped_schedul
 from engine.decode.passes import head as head_pass
 from engine.decode.policy import MODES, PRESETS, make_policy
 from engine.decode.step import StepEngine
-from engine.decode.units.build import build_head, build_units, measure_head
+from engine.decode.units.build import build_head, build_units, head_plans, measure_head
 from engine.decode.units.common import DecodeUnits, bucket_for, parse_buckets, run_phase
 from engine.decode.units.head import HeadUnits, compiled_loop
 from engine.model.config import SamplingParams
@@ -96,7 +96,8 @@ def test_cuda_graphs_need_cuda_and_auto_is_eager_off_the_gpu(deep):
     assert build_units(deep, "off", PRESETS.values(), "1,4") is None
     with pytest.raises(ValueError, match="units must be one of"):
         build_units(deep, "fast", PRESETS.values(), "1,4")
-    units = build_head(deep.diffloss, "static", "1,4", PRESETS.values(), guided=(True,))
+    configs = [PRESETS[m] for m in ("mar", "marche", "turbo")]  # turbo's head is annealed
+    units = build_head(deep.diffloss, "static", "1,4", configs, guided=(True,))
     assert units is not None and units.stats.built == 2  # the native plan (mar's) x 2 buckets
 
 
@@ -165,7 +166,8 @@ def test_the_pipeline_and_its_step_engines_use_the_units(deep):
 
     pipe = Pipeline.load("digits", units="static", head_buckets="4,16,64")
     head = pipe.units.head
-    assert head is not None and head.stats.built == 3 * 2  # guided x2
+    plans = head_plans(pipe.model.diffloss, PRESETS.values())  # the constant head schedules
+    assert head is not None and head.stats.built == len(plans) * 3 * 2  # buckets x guided
     assert pipe.step_engine(1).units is pipe.units
     tokens = pipe.generate_tokens([3], [1], SamplingParams(num_iter=16, cfg=3.0))
     assert head.stats.hits == 16 and head.stats.misses == 0

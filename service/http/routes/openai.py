@@ -82,7 +82,7 @@ class ImagesRequest(BaseModel):
         le=MAX_SEED - MAX_IMAGES + 1,
         description="seed of the first image (image i uses seed + i)",
     )
-    mode: Mode | None = Field(None, description="decoding: mar, marche or turbo")
+    mode: Mode | None = Field(None, description="decoding: mar, marche, turbo, quality or fast")
     cfg: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="autoregressive steps")
     temperature: float | None = Field(None, ge=0, le=10, description="diffusion temperature")

@@ -3,7 +3,7 @@
 // events read with fetch, since EventSource can neither POST nor send an Authorization header).
 import {HttpError, UserError, describe, onKeyNeeded, readEvents, rememberKey, request} from "./api.js";
 
-const MODES = ["mar", "marche", "turbo"];
+const MODES = ["mar", "marche", "turbo"]; // the modes "Compare" runs side by side
 const DISPLAY_PX = 192; // small images are shown about this big, pixelated
 const SEED_LIMIT = 2 ** 31; // a random seed for compare runs: below this
 
@@ -423,7 +423,8 @@ function fillInfo(info) {
   const size = Number(info.image_size) || 0;
   state.scale = size > 0 ? Math.max(1, Math.floor(DISPLAY_PX / size)) : 1;
   const d = info.defaults || {};
-  if (d.mode && MODES.includes(d.mode)) $("mode").value = d.mode;
+  const modes = [...$("mode").options].map((o) => o.value);
+  if (d.mode && modes.includes(d.mode)) $("mode").value = d.mode;
   if (d.cfg !== undefined) $("cfg").placeholder = String(d.cfg);
   if (d.steps !== undefined) $("steps").placeholder = String(d.steps);
   const facts = [info.model];
