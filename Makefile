@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ ablations: install  ## MAR vs MARché vs the paper's ablations on digits (~15 mi
 ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (~2.5 h on 2 cores; ONLY="head cache" for one row, MAR is kept and reused)
 	$(BIN)/marche ablations --set turbo --num 500 $(if $(ONLY),--only "$(ONLY)") \
 		--reference out/mar_reference_500.safetensors --json out/ablations_turbo.json
+
+ablations-gtr: install  ## GtR alone and the quality / fast candidates, 500 digits (~7 min a row on 2 cores; ONLY=... as above)
+	$(BIN)/marche ablations --set gtr --num 500 $(if $(ONLY),--only "$(ONLY)") \
+		--reference out/mar_reference_500.safetensors --json out/ablations_gtr.json
+
+speculative: install  ## the self-speculative exact head on digits vs exact sampling (~5 min on 2 cores)
+	$(BIN)/marche speculative --json out/speculative.json
 
 flops: install  ## FLOPs per image per phase, MAR-B/L/H, every mode (meta device, no GPU needed)
 	$(BIN)/marche bench --flops --model mar_base,mar_large,mar_huge --json out/flops.json

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from marche.eval_cmd import ablations, bench, quality
+from marche.eval_cmd import ablations, bench, quality, speculative
 from marche.options import (
     BudgetOpt,
     CheckpointOpt,
@@ -176,7 +176,7 @@ def info(
     Console(width=160).print(table)
 
 
-for command in (quality, ablations, bench, serve):
+for command in (quality, ablations, bench, speculative, serve):
     app.command()(command)
 app.add_typer(weights_app, name="weights")
 

@@ -6,7 +6,9 @@ the mean per-image PSNR against MAR on the same seeds. Two sets:
 
 * `marche`: MARché with its defaults and the paper's ablations (Tables 2-3, our data);
 * `turbo`: each acceleration knob alone (condition cache, head step schedules, head cache) and
-  the presets `marche` and `turbo`.
+  the presets `marche` and `turbo`;
+* `gtr`: GtR's two-stage order alone and the candidates the `quality` and `fast` presets were
+  chosen from (docs/ENGINE.md, "GtR").
 
 A 500-image row takes ~25 min of a 2-core CPU, so a full set can be split over several runs:
 with `reference`, MAR's images and row are saved there once and reused by later runs with the
@@ -25,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from engine.decode.gtr import FtsConfig, GtrConfig
 from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import PRESETS, DecodeConfig, make_policy
@@ -32,7 +35,7 @@ from engine.eval.quality import evaluate, psnr
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
-ABLATION_SETS = ("marche", "turbo")
+ABLATION_SETS = ("marche", "turbo", "gtr")
 
 
 def ablations(base: MarcheConfig | None = None) -> dict[str, DecodeConfig]:
@@ -67,11 +70,27 @@ def turbo_ablations() -> dict[str, DecodeConfig]:
     }
 
 
+def gtr_ablations() -> dict[str, DecodeConfig]:
+    """GtR alone, then the preset candidates on top of MARché's and turbo's caches."""
+    marche, turbo = PRESETS["marche"], PRESETS["turbo"]
+    cached = replace(marche, cond_cache=turbo.cond_cache, head=HeadConfig(cache_period=3))
+    return {
+        "gtr alone (S 1/2, K 2)": DecodeConfig(gtr=GtrConfig(0.5, 2)),
+        "quality candidate A": replace(cached, gtr=GtrConfig(0.5, 2)),
+        "quality candidate B": replace(cached, gtr=GtrConfig(0.5, 4)),
+        "fast candidate A": replace(turbo, gtr=GtrConfig(0.25, 2), fts=FtsConfig()),
+        "fast candidate B": replace(turbo, gtr=GtrConfig(0.375, 2), fts=FtsConfig()),
+        "turbo + gtr (S 1/2, K 2)": replace(turbo, gtr=GtrConfig(0.5, 2)),
+    }
+
+
 def variant_set(name: str, base: MarcheConfig | None = None) -> dict[str, DecodeConfig]:
     if name == "marche":
         return ablations(base)
     if name == "turbo":
         return turbo_ablations()
+    if name == "gtr":
+        return gtr_ablations()
     raise ValueError(f"unknown ablation set {name!r}; choose one of {ABLATION_SETS}")
 
 
