@@ -96,8 +96,9 @@ def generate(
     # every class gets seeds seed .. seed+num-1: one row per class, one column per seed
     jobs = [(c, seed + i) for c in class_ids for i in range(num)]
     names = ", ".join(f"{c} ({pipe.spec.labels[c]})" for c in class_ids)
-    with step_progress(params.num_iter) as progress:
-        task = progress.add_task(f"{model} class {names} x{num}", total=params.num_iter)
+    steps = policy.config.num_steps(params.num_iter)  # GtR's modes run fewer steps
+    with step_progress(steps) as progress:
+        task = progress.add_task(f"{model} class {names} x{num}", total=steps)
         tokens = pipe.generate_tokens(
             [c for c, _ in jobs],
             [s for _, s in jobs],

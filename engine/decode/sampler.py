@@ -30,7 +30,7 @@ class StepInfo:
     """What a progress callback sees after each step."""
 
     step: int
-    num_iter: int
+    num_steps: int  # steps of the run: num_iter, or fewer under GtR (S + K)
     tokens_done: int
     seq_len: int
     tokens: Tensor  # (B, L, C) current tokens (unknown positions are zero)
@@ -76,7 +76,11 @@ def sample_tokens(
             continue
         step = rows[0].steps[rows[0].done - 1]
         info = StepInfo(
-            step.index, num_iter, rows[0].tokens_done, model.config.seq_len, engine.tokens(rows)
+            step.index,
+            rows[0].num_steps,
+            rows[0].tokens_done,
+            model.config.seq_len,
+            engine.tokens(rows),
         )
         keep = on_step(info)
         if keep is not None and not all(keep):  # retire rows between steps

@@ -71,16 +71,22 @@ def turbo_ablations() -> dict[str, DecodeConfig]:
 
 
 def gtr_ablations() -> dict[str, DecodeConfig]:
-    """GtR alone, then the preset candidates on top of MARché's and turbo's caches."""
+    """GtR alone, then the candidates the presets were chosen from (named as in
+    docs/results/ablations_gtr_500.json): `quality` is candidate "fast B", `fast` is "fast C"."""
     marche, turbo = PRESETS["marche"], PRESETS["turbo"]
     cached = replace(marche, cond_cache=turbo.cond_cache, head=HeadConfig(cache_period=3))
+    fts16 = FtsConfig(share=0.25, high=1.6, low=0.8)
     return {
         "gtr alone (S 1/2, K 2)": DecodeConfig(gtr=GtrConfig(0.5, 2)),
         "quality candidate A": replace(cached, gtr=GtrConfig(0.5, 2)),
         "quality candidate B": replace(cached, gtr=GtrConfig(0.5, 4)),
+        "turbo + gtr (S 1/2, K 2)": replace(turbo, gtr=GtrConfig(0.5, 2)),
         "fast candidate A": replace(turbo, gtr=GtrConfig(0.25, 2), fts=FtsConfig()),
         "fast candidate B": replace(turbo, gtr=GtrConfig(0.375, 2), fts=FtsConfig()),
-        "turbo + gtr (S 1/2, K 2)": replace(turbo, gtr=GtrConfig(0.5, 2)),
+        "fast candidate C": replace(turbo, gtr=GtrConfig(0.25, 4), fts=fts16),
+        "fast candidate D": replace(turbo, gtr=GtrConfig(0.25, 2)),
+        "fast candidate E": replace(turbo, gtr=GtrConfig(0.25, 4)),
+        "fast candidate F": replace(turbo, gtr=GtrConfig(0.375, 4), fts=fts16),
     }
 
 

@@ -113,7 +113,7 @@ class StaticScheduler:
             for job in dict.fromkeys(owners):
                 job.image_steps_done = len(job.seeds) * (info.step + 1)
                 tokens = info.tokens[row : row + 1]
-                job.report(info.step + 1, info.num_iter, info.tokens_done, info.seq_len,
+                job.report(info.step + 1, info.num_steps, info.tokens_done, info.seq_len,
                            partial(preview, self.pipeline, tokens), self.preview_every)  # fmt: skip
                 row += len(job.seeds)
             keep = [q.wanted(job, now) for job in owners]

@@ -4,8 +4,6 @@ any, and the energy that ranks tokens is a local high-pass."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -164,5 +162,5 @@ def test_every_knob_on_changes_the_tokens(deep, name):
 
 
 def test_gtr_runs_s_plus_k_steps():
-    config = dataclasses.replace(PRESETS["fast"])
-    assert config.num_steps(64) == 16 + 2 and DecodeConfig().num_steps(64) == 64
+    assert PRESETS["fast"].num_steps(64) == 16 + 4 and PRESETS["quality"].num_steps(64) == 24 + 2
+    assert DecodeConfig().num_steps(64) == PRESETS["turbo"].num_steps(64) == 64

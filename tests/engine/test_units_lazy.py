@@ -42,7 +42,7 @@ def test_buckets_are_powers_of_two_up_to_the_sequence_and_the_slots(deep):
     assert lazy.buckets == (1, 2, 4, 8, 16, 32) and lazy.lengths == tuple(range(32, 257, 32))
 
 
-@pytest.mark.parametrize("mode", ["marche", "turbo"])
+@pytest.mark.parametrize("mode", ["marche", "turbo", "fast"])
 def test_every_lazy_pass_as_a_unit_equals_eager(deep, mode):
     units, policy = transformer_units(deep, "static"), make_policy(mode)
     tokens = run(deep, policy, units)

@@ -256,3 +256,29 @@ def test_live_openai_client_matches_generate_and_keeps_the_key_out_of_logs(keyed
     text = log.read_text()
     assert "POST /v1/images/generations" in text  # the access log ran...
     assert KEY not in text  # ...and never saw the key
+
+
+def test_the_pages_mode_menu_offers_every_engine_mode():
+    from html.parser import HTMLParser
+    from pathlib import Path
+
+    from engine.decode.policy import MODES
+
+    class Options(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside, self.values = False, []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "select":
+                self.inside = dict(attrs).get("id") == "mode"
+            elif tag == "option" and self.inside:
+                self.values.append(dict(attrs)["value"])
+
+        def handle_endtag(self, tag):
+            if tag == "select":
+                self.inside = False
+
+    page = Options()
+    page.feed((Path(__file__).parents[2] / "service/http/static/index.html").read_text())
+    assert page.values == list(MODES)
