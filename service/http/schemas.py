@@ -57,8 +57,8 @@ class GenerateRequest(BaseModel):
     mode: Mode | None = Field(
         None,
         description=(
-            "decoding: mar (exact), marche (cache-aware), turbo (every cache), quality "
-            "(GtR, no measured drift), fast (GtR + every cache)"
+            "decoding: mar (exact), marche (cache-aware), turbo (every cache), quality and "
+            "fast (turbo + GtR's two-stage order)"
         ),
     )
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images; >1 returns a grid")

@@ -132,7 +132,7 @@ def test_config_validation():
     with pytest.raises(ValueError):
         MarcheConfig(budget=0)
     with pytest.raises(ValueError, match="mode"):
-        make_policy("fast")
+        make_policy("warp")
 
 
 @pytest.mark.parametrize("mode", ["mar", "marche"])
