@@ -94,7 +94,7 @@ def test_generate_out_dir_one_file_per_image(tmp_path):
         (["--model", "mar_base"], "marche weights fetch mar_base vae"),
         (["--class", "sevn"], "unknown class name 'sevn'; did you mean '7'?"),
         (["--model", "mar_base", "--checkpoint", "/nope/checkpoint-last.pth"], "not found"),
-        (["--mode", "fast"], "unknown mode"),
+        (["--mode", "warp"], "unknown mode"),
         (["--cfg-schedule", "cosine"], "cfg_schedule"),
         (["--cfg", "nan"], "cfg must be"),
     ],

@@ -92,7 +92,7 @@ def test_grid_json_and_formats(client):
         ({"class_id": 1, "steps": 1000}, "steps", "less than or equal to 256"),
         ({"class_id": 1, "num_images": 17}, "num_images", "less than or equal to 16"),
         ({"class_id": 1, "temperature": -0.5}, "temperature", "greater than or equal to 0"),
-        ({"class_id": 1, "mode": "fast"}, "mode", "'mar', 'marche' or 'turbo'"),
+        ({"class_id": 1, "mode": "warp"}, "mode", "'mar', 'marche', 'turbo', 'quality' or 'fast'"),
         ({"class_id": 1, "format": "gif"}, "format", "'png', 'jpeg' or 'webp'"),
         ({"class_id": 1, "cfg_schedule": "cosine"}, "cfg_schedule", "'linear' or 'constant'"),
         ({"class_id": 1, "prompt": "a cat"}, "prompt", "Extra inputs are not permitted"),

@@ -131,6 +131,7 @@ def test_openai_prompt_may_be_an_id_and_models_list_the_served_one():
 @pytest.mark.parametrize(
     ("kwargs", "error", "param", "says"),
     [({"prompt": "sevn"}, "UnprocessableEntityError", "prompt", "did you mean '7'"),
+     ({"prompt": "²"}, "UnprocessableEntityError", "prompt", "unknown class"),  # a digit, no int
      ({"prompt": "200"}, "UnprocessableEntityError", "prompt", "0..9"),
      ({"prompt": "7", "size": "1024x1024"}, "UnprocessableEntityError", "size", "'32x32'"),
      ({"prompt": "7", "n": 17}, "UnprocessableEntityError", "n", "less than or equal to 16"),

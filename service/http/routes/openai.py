@@ -154,7 +154,8 @@ async def engine_request(gateway: Gateway, body: ImagesRequest, request: Request
     """The engine's request for `body`: its prompt a class name, or a class id that is no
     class's name."""
     prompt = body.prompt.strip()
-    by_id = prompt.isdigit() and not (await gateway.classes()).known(prompt)
+    numeral = prompt.isascii() and prompt.isdigit()  # int() refuses other digits ('²')
+    by_id = numeral and not (await gateway.classes()).known(prompt)
     class_id = await gateway.class_id(
         int(prompt) if by_id else None, None if by_id else prompt, "prompt", "prompt"
     )
