@@ -86,11 +86,12 @@ def two_stage_order(order: Tensor, structure: Tensor) -> Tensor:
     return order[torch.sort(key, stable=True).indices]
 
 
-def two_stage_plan(num_iter: int, seq_len: int, num_structure: int, config: GtrConfig) -> list:
+def two_stage_plan(num_iter: int, seq_len: int, config: GtrConfig) -> list:
     """Every step of a two-stage run: `Step`s over the structure half (stage 0) with MAR's
-    clamped cosine schedule over its `num_structure` tokens, then the reconstruction half
-    (stage 1) the same way over K steps. `mask_len` counts every token still unknown after
-    the step (it drives linear guidance); the last step predicts the rest."""
+    clamped cosine schedule over its tokens, then the reconstruction half (stage 1) the same
+    way over K steps. `mask_len` counts every token still unknown after the step (it drives
+    linear guidance); the last step predicts the rest."""
+    num_structure = seq_len - seq_len // 2  # (i + j) even: the larger half of an odd grid
     stages = (
         (num_structure, config.structure_steps(num_iter)),
         (seq_len - num_structure, config.reconstruction_steps),

@@ -141,7 +141,7 @@ class StepEngine:
         else:  # GtR: the structure half first (the order's tail), then the reconstruction half
             structure = structure_mask(seq_len, device)
             order = two_stage_order(order, structure)
-            plan = two_stage_plan(params.num_iter, seq_len, seq_len - seq_len // 2, config.gtr)
+            plan = two_stage_plan(params.num_iter, seq_len, config.gtr)
         steps = [s for s in plan if s.num_pred > 0]
         scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in steps]
         slot = self.pool.acquire()

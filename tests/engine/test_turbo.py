@@ -1,6 +1,7 @@
-"""The turbo knobs (condition cache, head step schedule, head cache) and the presets: each knob
-off is exact MAR, each on is a real approximation, every mode is batch-independent, survives
-row retirement, runs under bf16 autocast, and makes no host sync on a non-full step."""
+"""The decoding knobs (turbo's condition cache, head step schedule and head cache; GtR's
+two-stage order and FTS) and the presets: each knob off is exact MAR, each on is a real
+approximation, every mode is batch-independent, survives row retirement, runs under bf16
+autocast, and makes no host sync on a non-full step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.decode.cond_cache import CondCacheConfig
+from engine.decode.gtr import FtsConfig, GtrConfig
 from engine.decode.head import HeadConfig, clipped_schedule, whole_mlp_steps
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import MODES, PRESETS, DecodeConfig, make_policy
@@ -23,6 +25,7 @@ GUIDED = SamplingParams(num_iter=8, cfg=3.0)
 PLAIN = SamplingParams(num_iter=8, cfg=1.0)
 EVERY_TOKEN = MarcheConfig(budget=16 + 256, refresh_period=1)
 TURBO = PRESETS["turbo"]
+TWO_STAGE = GtrConfig(structure_share=0.5, reconstruction_steps=2)
 
 OFF = {  # each knob at its "off" setting, alone and composed
     "head constant": DecodeConfig(head=HeadConfig(schedule="constant")),
@@ -34,6 +37,7 @@ OFF = {  # each knob at its "off" setting, alone and composed
         cond_cache=CondCacheConfig(refresh_period=1),
         head=HeadConfig(cache_period=1),
     ),
+    "fts moves no steps": DecodeConfig(fts=FtsConfig(share=0.5, high=1.0, low=1.0)),
 }
 ON = {
     "cond cache": DecodeConfig(cond_cache=TURBO.cond_cache),
@@ -41,6 +45,11 @@ ON = {
     "head cosine": DecodeConfig(head=HeadConfig(schedule="cosine", upper=50, lower=5)),
     "head cache": DecodeConfig(head=HeadConfig(cache_period=3)),
     "turbo": TURBO,
+    "gtr": DecodeConfig(gtr=TWO_STAGE),
+    "fts": DecodeConfig(fts=FtsConfig()),
+    "gtr + fts": DecodeConfig(gtr=TWO_STAGE, fts=FtsConfig()),
+    "quality": PRESETS["quality"],
+    "fast": PRESETS["fast"],
 }
 
 
@@ -57,6 +66,7 @@ def test_every_knob_on_approximates(deep, name):
     baseline = run(deep, make_policy("mar"), GUIDED)
     out = run(deep, make_policy(ON[name]), GUIDED)
     assert out.shape == baseline.shape and torch.isfinite(out).all()
+    assert (out.abs().sum(-1) > 0).all()  # every token generated
     assert (out - baseline).abs().max() > 1e-4  # the knob really changes the computation
 
 
