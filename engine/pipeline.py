@@ -20,10 +20,8 @@ from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import SeededRandomness, request_randomness
 from engine.decode.sampler import StepInfo, sample_tokens
 from engine.decode.step import Row, StepEngine
-from engine.decode.units.build import build_units
+from engine.decode.units.build import AUTO, build_units, sized_buckets
 from engine.decode.units.common import DecodeUnits
-from engine.decode.units.full import PASS_BUCKETS
-from engine.decode.units.head import HEAD_BUCKETS
 from engine.hub import VAE, find_weights
 from engine.labels import ClassNames, digit_classes, imagenet_classes
 from engine.model.checkpoint import load_strict, read_state_dict
@@ -115,15 +113,23 @@ class Pipeline:
     def use_units(
         self,
         mode: str = "auto",
-        head_buckets: str | Sequence[int] = HEAD_BUCKETS,
-        pass_buckets: str | Sequence[int] = PASS_BUCKETS,
+        head_buckets: str | Sequence[int] = AUTO,
+        pass_buckets: str | Sequence[int] = AUTO,
         guided: Sequence[bool] = (True, False),
+        max_batch_size: int = 16,
     ) -> None:
         """Run the diffusion head and the transformer's passes as units per bucket
         (engine/decode/units/): "cuda-graphs", "compile" (inductor), "static", "off", or
         "auto" (CUDA graphs where they measure faster than eager on this device; elsewhere
         eager). Builds them now; the head's for `guided` (cfg != 1) rows, unguided ones, or
-        both."""
+        both. Buckets "auto" hold every call of a batch of `max_batch_size` images of any
+        mode at the model's default steps (`units/build.py`)."""
+        sized = sized_buckets(
+            self.model.config.seq_len, self.spec.defaults.num_iter, max_batch_size,
+            PRESETS.values(),
+        )  # fmt: skip
+        head_buckets = sized[0] if head_buckets == AUTO else head_buckets
+        pass_buckets = sized[1] if pass_buckets == AUTO else pass_buckets
         with self.autocast():
             units = build_units(
                 self.model, mode, PRESETS.values(), head_buckets, pass_buckets, guided
@@ -140,8 +146,9 @@ class Pipeline:
         dtype: str = "auto",
         random_weights: bool = False,
         units: str = "off",
-        head_buckets: str | Sequence[int] = HEAD_BUCKETS,
-        pass_buckets: str | Sequence[int] = PASS_BUCKETS,
+        head_buckets: str | Sequence[int] = AUTO,
+        pass_buckets: str | Sequence[int] = AUTO,
+        max_batch_size: int = 16,
     ) -> Pipeline:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -161,7 +168,7 @@ class Pipeline:
             tokenizer = KL16Tokenizer(config, AutoencoderKL(KL16).to(dev).eval())
         pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
         if units != "off":
-            pipeline.use_units(units, head_buckets, pass_buckets)
+            pipeline.use_units(units, head_buckets, pass_buckets, max_batch_size=max_batch_size)
         return pipeline
 
     @property

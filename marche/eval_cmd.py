@@ -163,15 +163,19 @@ def ablations(
         old = json.loads(json_path.read_text())
         if old.get("params") == params.__dict__ and _same_run(old["rows"][0], rows[0]):
             rows = merge_rows(old["rows"], rows)
-    table = Table("decoding", "accuracy", "Fréchet", "diversity", "PSNR vs MAR (dB)")
+    table = Table("decoding", "accuracy", "Fréchet ± sd", "diversity", "PSNR vs MAR (dB)")
+    table.add_column("drift p (vs MAR)")
     for row in rows:
-        db = row["psnr_vs_mar_db"]
+        db, sd, p = row["psnr_vs_mar_db"], row.get("frechet_sd"), row.get("drift_p")
         table.add_row(
             row["name"],
             f"{row['accuracy']:.3f}",
-            f"{row['frechet_distance']:.1f} (floor {row['frechet_distance_real']:.1f})",
+            f"{row['frechet_distance']:.1f}"
+            + ("" if sd is None else f" ± {sd:.1f}")
+            + f" (floor {row['frechet_distance_real']:.1f})",
             f"{row['diversity_ratio']:.2f}",
             "-" if db is None else f"{db:.1f}",
+            "-" if p is None else f"{p:.3f}",
         )
     Console(width=130).print(table)
     if json_path is not None:
@@ -213,11 +217,11 @@ def bench(
         str, typer.Option(help="with --dispatch or --units: comma-separated batch sizes")
     ] = "1,4,16",
     head_buckets: Annotated[
-        str, typer.Option(help="with --units: the head's token buckets")
-    ] = "1,2,4,8,16,32,64,128,256",
+        str, typer.Option(help="with --units: the head's token buckets (auto: sized by --batches)")
+    ] = "auto",
     pass_buckets: Annotated[
-        str, typer.Option(help="with --units: the transformer passes' call buckets")
-    ] = "1,2,4,8,16,32",
+        str, typer.Option(help="with --units: the passes' call buckets (auto: sized by --batches)")
+    ] = "auto",
     count_steps: Annotated[
         int | None, typer.Option(min=1, help="with --dispatch: count the first N steps only")
     ] = None,

@@ -28,8 +28,9 @@ class ServiceSettings(BaseSettings):
     # eager; auto: CUDA graphs where they measure faster than eager, else eager
     # (engine/decode/units/)
     units: Literal["off", "static", "compile", "cuda-graphs", "auto"] = "auto"
-    head_buckets: str = Field("1,2,4,8,16,32,64,128,256", description="head tokens per unit")
-    pass_buckets: str = Field("1,2,4,8,16,32", description="transformer calls per unit")
+    # "auto": sized so every call of a max_batch_size batch fits (engine/decode/units/build.py)
+    head_buckets: str = Field("auto", description="head tokens per unit, or auto")
+    pass_buckets: str = Field("auto", description="transformer calls per unit, or auto")
     torch_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
 
     # Ray Serve: how the ingress picks an engine replica (work: least outstanding image-steps;
@@ -78,7 +79,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("head_buckets", "pass_buckets")
     @classmethod
     def _buckets(cls, value: str) -> str:
-        return ",".join(map(str, parse_buckets(value)))
+        return value if value == "auto" else ",".join(map(str, parse_buckets(value)))
 
     @field_validator("api_key", "api_keys", mode="before")
     @classmethod

@@ -2,7 +2,9 @@
 
 One process, one set of seeds: exact MAR first (its images are kept as the PSNR reference),
 then each variant. Every row is the `engine.eval.quality` report of that decoding config plus
-the mean per-image PSNR against MAR on the same seeds. Two sets:
+the mean per-image PSNR against MAR on the same seeds, the Fréchet distance's spread over the
+seeds (`frechet_sd`) and a two-sample test of the variant's images against MAR's (`drift_p`,
+engine/eval/drift.py). Three sets:
 
 * `marche`: MARché with its defaults and the paper's ablations (Tables 2-3, our data);
 * `turbo`: each acceleration knob alone (condition cache, head step schedules, head cache) and
@@ -23,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -31,7 +35,8 @@ from engine.decode.gtr import FtsConfig, GtrConfig
 from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import PRESETS, DecodeConfig, make_policy
-from engine.eval.quality import evaluate, psnr
+from engine.eval.drift import drift_test, frechet_spread
+from engine.eval.quality import NUM_CLASSES, default_split, evaluate, judge_features, psnr
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -142,12 +147,40 @@ def run_ablations(
         mar_row = {**report("MAR (exact)", baseline), "decoding": None, "psnr_vs_mar_db": None}
         if reference_path is not None:
             save_reference(reference_path, settings, mar_row, reference)
-    rows = [mar_row]
+    noise = _Noise(num, reference)
+    rows = [{**mar_row, **noise.of(reference)}]
     for name, config in variants.items():
         psnrs: list[float] = []
-        row = report(name, _versus_mar(pipe, params, config, reference, psnrs))
-        rows.append({**row, "decoding": asdict(config), "psnr_vs_mar_db": sum(psnrs) / len(psnrs)})
+        images: dict[int, Tensor] = {}
+        row = report(name, _versus_mar(pipe, params, config, reference, psnrs, images))
+        psnr_db = sum(psnrs) / len(psnrs)
+        rows.append({**row, "decoding": asdict(config), "psnr_vs_mar_db": psnr_db,
+                     **noise.of(images, versus_mar=True)})  # fmt: skip
     return rows
+
+
+class _Noise:
+    """What a row's Fréchet distance is worth (engine/eval/drift.py): its spread over the
+    seeds (`frechet_sd`, from 4 images a class) and, against MAR's images on the same seeds,
+    the two-sample test (`drift_frechet`, `drift_p`)."""
+
+    def __init__(self, num: int, reference: dict[int, Tensor]) -> None:
+        self.labels = np.arange(num) % NUM_CLASSES
+        self.real = judge_features(default_split().test_images, generated=False)
+        self.mar = judge_features(_in_seed_order(reference))
+
+    def of(self, images: dict[int, Tensor], versus_mar: bool = False) -> dict:
+        feats = judge_features(_in_seed_order(images))
+        enough = len(self.labels) >= 4 * NUM_CLASSES
+        out = {"frechet_sd": frechet_spread(feats, self.labels, self.real) if enough else None}
+        if versus_mar:
+            out["drift_frechet"], out["drift_p"] = drift_test(feats, self.mar)
+        return out
+
+
+def _in_seed_order(batches: dict[int, Tensor]) -> Tensor:
+    """One (n, ...) tensor of batches keyed by their first seed."""
+    return torch.cat([batches[first] for first in sorted(batches)])
 
 
 def _versus_mar(
@@ -156,12 +189,15 @@ def _versus_mar(
     config: DecodeConfig,
     reference: dict[int, Tensor],
     psnrs: list[float],
+    kept: dict[int, Tensor],
 ) -> Callable[[Tensor, list[int]], Tensor]:
-    """A generate function for `config` that appends per-image PSNR vs MAR."""
+    """A generate function for `config` that appends per-image PSNR vs MAR and keeps the
+    images (by the first seed of their batch)."""
 
     def generate(labels: Tensor, seeds: list[int]) -> Tensor:
         images = pipe.generate(labels.tolist(), seeds, params=params, policy=make_policy(config))
         psnrs.extend(psnr(images, reference[seeds[0]]).tolist())
+        kept[seeds[0]] = images.detach().cpu()
         return images
 
     return generate

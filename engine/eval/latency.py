@@ -22,9 +22,8 @@ import torch
 from engine.decode.marche import MarcheConfig
 from engine.decode.policy import make_policy
 from engine.decode.step import StepEngine
+from engine.decode.units.build import AUTO
 from engine.decode.units.common import DecodeUnits, timed
-from engine.decode.units.full import PASS_BUCKETS
-from engine.decode.units.head import HEAD_BUCKETS
 from engine.eval.bench import admit_images, device_name
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
@@ -59,13 +58,15 @@ def units_table(
     dtype: str = "auto",
     repeats: int = 3,
     marche: MarcheConfig | None = None,
-    head_buckets: str | Sequence[int] = HEAD_BUCKETS,
-    pass_buckets: str | Sequence[int] = PASS_BUCKETS,
+    head_buckets: str | Sequence[int] = AUTO,
+    pass_buckets: str | Sequence[int] = AUTO,
 ) -> dict:
-    """Eager vs `units_mode` units on `model` (random weights unless digits)."""
+    """Eager vs `units_mode` units on `model` (random weights unless digits); buckets "auto"
+    are sized by the largest of `batches`."""
     pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
     started = time.perf_counter()
-    pipe.use_units(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,))
+    pipe.use_units(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,),
+                   max_batch_size=max(batches))  # fmt: skip
     build_s = time.perf_counter() - started
     if not any(pipe.units.families().values()):
         raise ValueError(f"--units {units_mode} builds nothing on {pipe.device}")

@@ -141,6 +141,12 @@ def _run(classifier: DigitClassifier, images: Tensor, batch: int = 256) -> tuple
     return torch.cat(feats).double(), torch.cat(preds)
 
 
+def judge_features(images: Tensor, generated: bool = True) -> np.ndarray:
+    """The default judge's features (n, 64) of `images`, generated ones quantised to uint8 first
+    as `evaluate` scores them."""
+    return _run(get_classifier(0), quantize(images) if generated else images)[0].numpy()
+
+
 def classifier_accuracy(classifier: DigitClassifier, images: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy of `classifier` on `images`."""
     _, preds = _run(classifier, images)

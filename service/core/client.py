@@ -117,6 +117,7 @@ def _load(settings: ServiceSettings) -> Pipeline:
         units=settings.units,
         head_buckets=settings.head_buckets,
         pass_buckets=settings.pass_buckets,
+        max_batch_size=settings.max_batch_size,
     )
 
 

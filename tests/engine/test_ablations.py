@@ -38,6 +38,10 @@ def test_variant_covering_every_token_reproduces_mar_and_a_real_one_does_not(pip
     assert exact["accuracy"] == mar["accuracy"]
     assert approx["psnr_vs_mar_db"] < 100.0  # MARché's defaults do approximate
     assert approx["decoding"]["marche"] == MarcheConfig().__dict__
+    assert exact["drift_frechet"] == pytest.approx(0.0, abs=1e-6) and exact["drift_p"] == 1.0
+    assert approx["drift_frechet"] > 0.0 and 0.0 < approx["drift_p"] <= 1.0
+    assert "drift_p" not in mar
+    assert mar["frechet_sd"] is None  # 1 image a class: too few to halve
 
 
 def test_the_paper_ablations_are_all_there():
@@ -77,6 +81,12 @@ def test_a_saved_mar_reference_is_reused_by_a_later_run_of_the_same_settings(pip
     (fresh,) = run_ablations(pipe, other, num=10, batch_size=5, variants={}, reference_path=ref)
     assert fresh["seconds"] != first["seconds"]
     assert load_reference(ref, {"params": other.__dict__, "num": 10, "seed": 0, "batch_size": 5})
+
+
+def test_rows_of_four_images_a_class_carry_their_frechet_spread(pipe):
+    params = replace(pipe.spec.defaults, num_iter=2)
+    (mar,) = run_ablations(pipe, params, num=40, batch_size=20, variants={})
+    assert mar["frechet_sd"] > 0.0
 
 
 def test_merged_rows_keep_order_and_take_the_newer_row():

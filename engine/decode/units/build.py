@@ -6,26 +6,41 @@ of its units measures faster than the eager pass on this device; "static", "comp
 "cuda-graphs" build what they name. The head's units of the presets' constant plans, and
 the full passes that fill nothing, are built now (largest bucket first, time and memory
 logged, as vLLM does); units bound to a step engine's pool are built on first use.
+
+Buckets "auto" (`sized_buckets`) are sized by the batch a service admits, so that no call of
+such a batch runs eager. A transformer pass runs both CFG halves of each image as calls: at
+most 2 x max_batch_size. A head call runs the tokens its images predict in one step (grouped
+by head plan; FTS splits a step's tokens into two calls): at most max_batch_size x the most
+tokens any mode predicts in one step of the model's default run. GtR's reconstruction steps
+are the big ones: MAR-B's 256 tokens in 64 steps predict at most 7 a step under MAR's cosine
+schedule, 24 under turbo + GtR (S 1/2, K 8), whose reconstruction half is 128 tokens in 8
+steps. Requests with fewer steps than the default predict more a step; their larger calls
+run eager and count as misses (`UnitStats`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from engine.decode.gtr import two_stage_plan
 from engine.decode.head import HeadPlan, HeadPolicy
 from engine.decode.passes import head as head_pass
 from engine.decode.passes.common import Call
 from engine.decode.passes.full import full_pass
+from engine.decode.policy import DecodeConfig
 from engine.decode.pool import SlotPool
+from engine.decode.schedules import step_plan
 from engine.decode.units.common import UNITS_MODES, DecodeUnits, compare, log
 from engine.decode.units.full import PASS_BUCKETS, FullUnits
 from engine.decode.units.head import HEAD_BUCKETS, HeadUnits
 from engine.decode.units.lazy import LazyUnits
 from engine.model.diffloss import DiffLoss
 from engine.model.mar import MAR
+
+AUTO = "auto"  # the buckets setting that sizes them (`sized_buckets`)
 
 
 def build_units(
@@ -146,3 +161,35 @@ def measure_full(units: FullUnits) -> tuple[float, float]:
         return full_pass(model, pool, calls).h[0]
 
     return compare(dev, eager, lambda: units.run(model, pool, calls).h[0])
+
+
+def powers_of_two(upto: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the first power of two >= `upto`."""
+    if upto < 1:
+        raise ValueError(f"a bucket holds at least 1, not {upto}")
+    sizes = [1]
+    while sizes[-1] < upto:
+        sizes.append(2 * sizes[-1])
+    return tuple(sizes)
+
+
+def most_tokens_per_step(seq_len: int, num_iter: int, configs: Iterable[DecodeConfig]) -> int:
+    """The most tokens one image predicts in one step of a `num_iter` run, over `configs`
+    (GtR's two stages where a config has them)."""
+    most = 0
+    for config in configs:
+        gtr = config.gtr
+        plan = (
+            step_plan(num_iter, seq_len) if gtr is None else two_stage_plan(num_iter, seq_len, gtr)
+        )
+        most = max(most, max(step.num_pred for step in plan))
+    return most
+
+
+def sized_buckets(
+    seq_len: int, num_iter: int, max_batch_size: int, configs: Iterable[DecodeConfig]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(head buckets, pass buckets) that hold every call of a batch of `max_batch_size`
+    images of any of `configs` at `num_iter` steps."""
+    head_rows = max_batch_size * most_tokens_per_step(seq_len, num_iter, configs)
+    return powers_of_two(head_rows), powers_of_two(2 * max_batch_size)
