@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine.decode.policy import PRESETS, DecodeConfig, DecodePolicy
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
@@ -101,6 +101,24 @@ def load_mar(config: MARConfig, path: str | Path, device: torch.device | str = "
     return model.to(device).eval()
 
 
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every `nn.Linear`'s weight and bias in `dtype`, the autocast dtype (bf16 on a GPU),
+    once at load: autocast would cast them to it on every call (a pass over every weight per
+    call), with the same rounding, so tokens are unchanged. Norms, embeddings and the
+    residual stream stay fp32, and so do the head's adaLN modulations: they run once per AR
+    step, with the 1 of (1 + scale) folded into their bias, which bf16 would round before the
+    1 is added. fp32: nothing to do. Returns the tensors cast."""
+    if dtype == torch.float32:
+        return 0
+    cast = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "adaLN_modulation" not in name:
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
+
+
 class Pipeline:
     def __init__(
         self, name: str, model: MAR, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype
@@ -167,6 +185,7 @@ class Pipeline:
         else:  # random weights: an untrained VAE
             tokenizer = KL16Tokenizer(config, AutoencoderKL(KL16).to(dev).eval())
         pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
+        cast_matmul_weights(model, pipeline.dtype)
         if units != "off":
             pipeline.use_units(units, head_buckets, pass_buckets, max_batch_size=max_batch_size)
         return pipeline
