@@ -71,9 +71,9 @@ ablations-turbo: install  ## each turbo knob alone and the presets, 500 digits (
 	$(BIN)/marche ablations --set turbo --num 500 $(if $(ONLY),--only "$(ONLY)") \
 		--reference out/mar_reference_500.safetensors --json out/ablations_turbo.json
 
-ablations-gtr: install  ## GtR alone and the quality / fast candidates, 500 digits (~7 min a row on 2 cores; ONLY=... as above)
-	$(BIN)/marche ablations --set gtr --num 500 $(if $(ONLY),--only "$(ONLY)") \
-		--reference out/mar_reference_500.safetensors --json out/ablations_gtr.json
+ablations-gtr: install  ## GtR on turbo, the quality / fast candidates, 1,000 digits (MAR ~65 min once, then 5-25 min a row on 2 cores; ONLY=... as above)
+	$(BIN)/marche ablations --set gtr --num 1000 $(if $(ONLY),--only "$(ONLY)") \
+		--reference out/mar_reference_1000.safetensors --json out/ablations_gtr.json
 
 speculative: install  ## the self-speculative exact head on digits vs exact sampling (~5 min on 2 cores)
 	$(BIN)/marche speculative --json out/speculative.json

@@ -113,7 +113,7 @@ def ablations(
             "--set",
             help=(
                 "marche: the paper's ablations; turbo: each turbo knob and the presets; "
-                "gtr: GtR alone and the quality / fast candidates"
+                "gtr: GtR on turbo, the quality / fast candidates"
             ),
         ),
     ] = "marche",

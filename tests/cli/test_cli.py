@@ -195,9 +195,11 @@ def test_ablations_table_and_json(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "low-attention refresh" in result.output and "PSNR vs MAR" in result.output
+    assert "drift p" in result.output
     rows = json.loads(path.read_text())["rows"]
     assert [r["name"] for r in rows][:2] == ["MAR (exact)", "MARché (defaults)"]
     assert len(rows) == 6 and all(0 < r["psnr_vs_mar_db"] <= 100 for r in rows[1:])
+    assert all(0 < r["drift_p"] <= 1 for r in rows[1:])
 
 
 def test_bench_flops_counts_every_phase_and_mode(tmp_path):

@@ -47,7 +47,7 @@ def test_every_mode_under_bf16_on_cuda(cuda_deep, mode):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("mode", ["marche", "turbo"])
+@pytest.mark.parametrize("mode", ["marche", "turbo", "quality", "fast"])
 def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode):
     policy = make_policy(mode)
     run(cuda_deep, policy)  # warm: schedules' coefficients are on the device after this

@@ -20,8 +20,8 @@ def _sample(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
 
 def test_identical_sets_are_no_drift_at_all():
     x = _sample(np.random.default_rng(0), 200)
-    distance, p = drift_test(x, x, permutations=50)
-    assert distance == pytest.approx(0.0, abs=1e-6) and p == 1.0
+    distance, p, null_95 = drift_test(x, x, permutations=50)
+    assert distance == pytest.approx(0.0, abs=1e-6) and p == 1.0 and null_95 == pytest.approx(0)
 
 
 def test_the_test_holds_its_level_on_one_distribution():
@@ -37,8 +37,8 @@ def test_the_test_holds_its_level_on_one_distribution():
 def test_the_test_rejects_a_shift_of_0_15_standard_deviations_at_n_2000():
     rng = np.random.default_rng(1)
     a, b = _sample(rng, 2000, shift=0.15), _sample(rng, 2000)
-    distance, p = drift_test(a, b, permutations=100)
-    assert distance > 0.01 and p < 0.02
+    distance, p, null_95 = drift_test(a, b, permutations=100)
+    assert distance > null_95 > 0.0 and p < 0.02
 
 
 def test_paired_sets_must_align():

@@ -132,5 +132,5 @@ def test_fts_moves_head_steps_without_adding_any(deep):
 
 
 def test_gtr_runs_s_plus_k_steps():
-    assert PRESETS["fast"].num_steps(64) == 16 + 4 and PRESETS["quality"].num_steps(64) == 24 + 2
+    assert PRESETS["fast"].num_steps(64) == 32 + 8 and PRESETS["quality"].num_steps(64) == 32 + 16
     assert DecodeConfig().num_steps(64) == PRESETS["turbo"].num_steps(64) == 64
