@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-throughput train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-throughput bench-gpu-service train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,9 @@ bench-gpu:  ## on a CUDA node with CUDA torch: GPU tests + batch 1/4/16 latency,
 
 bench-gpu-throughput:  ## on a CUDA node: every mode on MAR-B/L/H at batch 128, < 9 min
 	scripts/bench_gpu.sh throughput out/gpu
+
+bench-gpu-service:  ## on a CUDA node: marche serve on MAR-B under the load bench (real engine), < 9 min
+	scripts/bench_gpu.sh service out/gpu
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install

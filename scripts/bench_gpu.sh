@@ -8,7 +8,11 @@
 #     interleaved in one process per model;
 #   scripts/bench_gpu.sh throughput [OUT_DIR]  (make bench-gpu-throughput)
 #     every mode (mar, marche, turbo, quality, fast) on MAR-B/L/H at batch 128 (the papers'
-#     setting).
+#     setting);
+#   scripts/bench_gpu.sh service [OUT_DIR]     (make bench-gpu-service)
+#     `marche serve --model mar_base` on the device (continuous batching, units auto, bf16,
+#     64 steps) under the load bench with the real engine: idle latency, capacity (images/s
+#     at saturation) and p50/p99 at 80% of it (loadbench_mar_base.{json,md,png}).
 #
 # bf16 autocast, random weights (speed does not depend on weight values), default cfg.
 # Latency runs take 16 AR steps (the table reports ms per step; a 64-step image is ~4x), the
@@ -44,6 +48,14 @@ run() {  # run NAME SECONDS ARGS...: one `marche bench` under its timeout, JSON 
     --json "$OUT/$name.json" "$@" || echo "$name: failed or timed out"
 }
 
+service_bench() {  # service_bench NAME SECONDS ARGS...: loadtest.loadbench against `marche serve`
+  local name="$1" seconds="$2"
+  shift 2
+  echo "== service $name"
+  MARCHE_DEVICE=cuda MARCHE_RANDOM_WEIGHTS=1 timeout "$seconds" "$PY" -m loadtest.loadbench \
+    --schedulers continuous --out "$OUT/$name" "$@" || echo "service $name: failed or timed out"
+}
+
 case "$PART" in
 latency)
   echo "== GPU tests"
@@ -66,8 +78,14 @@ throughput)
     run "$model" "${BUDGET_S[$model]}" --model "$model" --batch 128
   done
   ;;
+service)
+  # start-up (weights, CUDA graphs) ~1-2 min, idle 3 requests, capacity 45 s, 80% load 60 s
+  declare -A SERVICE_S=([mar_base]=480)
+  MARCHE_MODEL=mar_base service_bench loadbench_mar_base "${SERVICE_S[mar_base]}" --steps 64 \
+    --max-batch-size 64 --idle-requests 3 --capacity-s 45 --loads 0.8 --duration 60
+  ;;
 *)
-  echo "usage: scripts/bench_gpu.sh latency|throughput [OUT_DIR]" >&2
+  echo "usage: scripts/bench_gpu.sh latency|throughput|service [OUT_DIR]" >&2
   exit 2
   ;;
 esac
