@@ -88,7 +88,7 @@ bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, modes inte
 bench-gpu:  ## on a CUDA node with CUDA torch: GPU tests + batch 1/4/16 latency, eager vs graphs, < 9 min
 	scripts/bench_gpu.sh latency out/gpu
 
-bench-gpu-throughput:  ## on a CUDA node: every mode on MAR-B/L/H at batch 128, < 9 min
+bench-gpu-throughput:  ## on a CUDA node: every mode on MAR-B/L/H at batch 128, then a profile of MAR-B, < 9 min
 	scripts/bench_gpu.sh throughput out/gpu
 
 bench-gpu-service:  ## on a CUDA node: marche serve on MAR-B under the load bench (real engine), < 9 min

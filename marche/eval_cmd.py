@@ -205,6 +205,14 @@ def bench(
         bool,
         typer.Option("--dispatch", help="count operator calls per AR step and phase (on the CPU)"),
     ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="torch.profiler per mode and --batches: top kernels "
+            "(operators on a CPU), device busy share, host time per step",
+        ),
+    ] = False,
     units: Annotated[
         str | None,
         typer.Option(
@@ -214,7 +222,7 @@ def bench(
         ),
     ] = None,
     batches: Annotated[
-        str, typer.Option(help="with --dispatch or --units: comma-separated batch sizes")
+        str, typer.Option(help="with --dispatch, --profile or --units: comma-separated batches")
     ] = "1,4,16",
     head_buckets: Annotated[
         str, typer.Option(help="with --units: the head's token buckets (auto: sized by --batches)")
@@ -241,7 +249,15 @@ def bench(
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if units is not None and not dispatch:
+        if profile:
+            from engine.eval.profile import profile_table
+
+            defaults = MODELS[models[0]].defaults
+            params = replace(defaults, num_iter=steps or defaults.num_iter,
+                             cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+            report = profile_table(models[0], mode_list, sizes, params, device, dtype)
+        elif units is not None and not dispatch:
             from engine.eval.latency import units_table
 
             defaults = MODELS[models[0]].defaults
@@ -282,7 +298,9 @@ def bench(
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
-    if units is not None and not dispatch:
+    if profile:
+        _print_profile(report)
+    elif units is not None and not dispatch:
         _print_units(report)
     elif flops:
         _print_flops(report)
@@ -376,6 +394,19 @@ def _print_dispatch(report: dict) -> None:
                           f"{row['views_per_step']:.0f}", f"{row['syncs_per_step']:.2f}",
                           f"{row.get('replays_per_step', 0):.1f}", str(row["vae_ops"]))  # fmt: skip
         Console(width=130).print(table)
+
+
+def _print_profile(report: dict) -> None:
+    table = Table("mode", "batch", "ms/step", "host ms/step", "device busy", "top 3 (share)",
+                  title=f"{report['model']} on {report['device']} ({report['dtype']}), "
+                  f"{report['steps']} steps, torch.profiler")  # fmt: skip
+    for row in report["rows"]:
+        busy = row["device_busy"]
+        tops = ", ".join(f"{t['name'][:40]} {t['share']:.0%}" for t in row["top"][:3])
+        table.add_row(row["mode"], str(row["batch"]), f"{row['ms_per_step']:.1f}",
+                      f"{row['host_ms_per_step']:.1f}", "-" if busy is None else f"{busy:.0%}",
+                      tops)  # fmt: skip
+    Console(width=150).print(table)
 
 
 def _print_units(report: dict) -> None:

@@ -8,7 +8,8 @@
 #     interleaved in one process per model;
 #   scripts/bench_gpu.sh throughput [OUT_DIR]  (make bench-gpu-throughput)
 #     every mode (mar, marche, turbo, quality, fast) on MAR-B/L/H at batch 128 (the papers'
-#     setting);
+#     setting), then torch.profiler on MAR-B at batch 1 and 128 (8 steps; mar, marche, turbo):
+#     top kernels, the device's busy share, host time per step;
 #   scripts/bench_gpu.sh service [OUT_DIR]     (make bench-gpu-service)
 #     `marche serve --model mar_base` on the device (continuous batching, units auto, bf16,
 #     64 steps) under the load bench with the real engine: idle latency, capacity (images/s
@@ -73,10 +74,14 @@ latency)
 throughput)
   # GtR's modes take 40 (fast) and 48 (quality) of the 64 steps, on top of turbo's caches:
   # ~+45% on the budgets of mar, marche and turbo alone (76 / 112 / 152 s)
-  declare -A BUDGET_S=([mar_base]=110 [mar_large]=160 [mar_huge]=215)
+  declare -A BUDGET_S=([mar_base]=110 [mar_large]=160 [mar_huge]=215 [profile]=40)
   for model in mar_base mar_large mar_huge; do
     run "$model" "${BUDGET_S[$model]}" --model "$model" --batch 128
   done
+  echo "== profile"
+  timeout "${BUDGET_S[profile]}" $MARCHE bench --profile --dtype bf16 --device cuda \
+    --model mar_base --modes mar,marche,turbo --batches 1,128 --steps 8 \
+    --json "$OUT/profile_mar_base.json" || echo "profile: failed or timed out"
   ;;
 service)
   # start-up (weights, CUDA graphs) ~1-2 min, idle 3 requests, capacity 45 s, 80% load 60 s

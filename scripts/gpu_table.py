@@ -59,6 +59,23 @@ def main(out: Path) -> None:
                 f"| {row['eager_ms_per_step']:.1f} | {row['units_ms_per_step']:.1f} "
                 f"| {row['speedup']:.2f}x | {row['max_token_diff']:.1e} | {built} |"
             )
+    profiles = sorted(out.glob("profile_*.json"))
+    if profiles:
+        lines += [
+            "",
+            "| model | batch | mode | ms/step | host ms/step | device busy | top kernels (share) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    for path in profiles:
+        report = json.loads(path.read_text())
+        for row in report["rows"]:
+            busy = row["device_busy"]
+            tops = ", ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in row["top"][:3])
+            lines.append(
+                f"| {report['model']} | {row['batch']} | {row['mode']} | {row['ms_per_step']:.1f} "
+                f"| {row['host_ms_per_step']:.1f} | {'-' if busy is None else f'{busy:.0%}'} "
+                f"| {tops} |"
+            )
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -85,3 +85,24 @@ def test_gpu_table_renders_a_bench_report(tmp_path):
     assert [r.split("|")[4].strip() for r in rows] == ["mar", "marche", "turbo"]
     assert rows[2].endswith("| 4.00x | 0.8 |")  # turbo's speedup; 0.05 s / 64 steps in ms
     assert "| 0.0500 | 1.0000 | 2.0000 | 3.0000 | 0.5000 |" in rows[2]  # s/image, phases
+
+
+PROFILE = {
+    "model": "mar_base",
+    "device": "cuda:0",
+    "dtype": "bfloat16",
+    "steps": 8,
+    "rows": [{"mode": "turbo", "batch": 128, "steps": 8, "wall_s": 1.6, "ms_per_step": 200.0,
+              "host_ms_per_step": 40.0, "device_busy": 0.83,
+              "top": [{"name": "sm90_xmma_gemm_bf16", "calls": 900, "ms": 700.0, "share": 0.5},
+                      {"name": "flash_fwd_kernel", "calls": 300, "ms": 280.0, "share": 0.2}]}],
+}  # fmt: skip
+
+
+def test_gpu_table_renders_a_profile(tmp_path):
+    (tmp_path / "profile_mar_base.json").write_text(json.dumps(PROFILE))
+    out = subprocess.run([sys.executable, str(GPU_TABLE), str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 128 | turbo")]
+    assert row == ["| mar_base | 128 | turbo | 200.0 | 40.0 | 83% "
+                   "| sm90_xmma_gemm_bf16 50%, flash_fwd_kernel 20% |"]  # fmt: skip

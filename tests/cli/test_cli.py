@@ -216,6 +216,24 @@ def test_bench_flops_counts_every_phase_and_mode(tmp_path):
     assert "turbo" in result.output and "vs mar" in result.output
 
 
+def test_bench_profile_reports_where_each_modes_time_goes(tmp_path):
+    path = tmp_path / "profile.json"
+    args = ["bench", "--profile", "--model", "digits", "--device", "cpu", "--modes", "mar,fast",
+            "--batches", "1,2", "--steps", "2", "--json", str(path)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert [(r["mode"], r["batch"]) for r in report["rows"]] == [
+        ("mar", 1), ("fast", 1), ("mar", 2), ("fast", 2)]  # fmt: skip
+    for row in report["rows"]:
+        assert row["device_busy"] is None  # a CPU has no device timeline
+        assert 0 < row["host_ms_per_step"] and 0 < row["ms_per_step"]
+        assert row["top"] and all(0 < t["share"] <= 1 for t in row["top"])
+        assert row["top"][0]["ms"] >= row["top"][-1]["ms"]
+    assert [r["steps"] for r in report["rows"]][:2] == [2, 1 + 8]  # fast: S 1 + K 8
+    assert "host ms/step" in result.output
+
+
 def test_bench_rejects_an_unknown_model():
     result = runner.invoke(app, ["bench", "--flops", "--model", "digits,mar_giant"])
     assert result.exit_code == 2 and "mar_giant" in result.output
