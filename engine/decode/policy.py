@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from engine.decode.cond_cache import CondCacheConfig
-from engine.decode.gtr import FtsConfig, GtrConfig
+from engine.decode.gtr import FtsConfig, GtrConfig, two_stage_plan
 from engine.decode.head import HeadConfig
 from engine.decode.marche import MarcheConfig
+from engine.decode.schedules import Step, step_plan
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class DecodeConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     gtr: GtrConfig | None = None  # None: MAR's one-stage random order over num_iter steps
     fts: FtsConfig | None = None  # None: every token of a step gets the head's steps
+
+    def step_plan(self, num_iter: int, seq_len: int) -> list[Step]:
+        """Every step of a `num_iter` run: MAR's one-stage schedule, or GtR's two stages."""
+        if self.gtr is None:
+            return step_plan(num_iter, seq_len)
+        return two_stage_plan(num_iter, seq_len, self.gtr)
 
     def num_steps(self, num_iter: int) -> int:
         """AR steps a run of `num_iter` takes under this config (GtR: S + K)."""

@@ -37,7 +37,6 @@ from engine.decode.gtr import (
     high_frequency_energy,
     structure_mask,
     two_stage_order,
-    two_stage_plan,
 )
 from engine.decode.head import HeadPlan, HeadPolicy
 from engine.decode.passes import head as head_pass
@@ -48,7 +47,7 @@ from engine.decode.policy import DecodeConfig
 from engine.decode.pool import SlotPool
 from engine.decode.profiling import NULL_TIMER, NullTimer, PhaseTimer
 from engine.decode.randomness import RowRandomness
-from engine.decode.schedules import Step, cfg_scale, step_plan
+from engine.decode.schedules import Step, cfg_scale
 from engine.decode.units.common import DecodeUnits, run_phase
 from engine.model.config import SamplingParams
 from engine.model.mar import MAR
@@ -136,12 +135,9 @@ class StepEngine:
         """A new row at step 0 in a free slot (raises `PoolFull` when there is none)."""
         seq_len, device = self.model.config.seq_len, self.pool.device
         order = randomness.order().to(device)  # drawn first, as upstream does
-        if config.gtr is None:
-            plan = step_plan(params.num_iter, seq_len)
-        else:  # GtR: the structure half first (the order's tail), then the reconstruction half
-            structure = structure_mask(seq_len, device)
-            order = two_stage_order(order, structure)
-            plan = two_stage_plan(params.num_iter, seq_len, config.gtr)
+        if config.gtr is not None:  # GtR: the structure half first (the order's tail)
+            order = two_stage_order(order, structure_mask(seq_len, device))
+        plan = config.step_plan(params.num_iter, seq_len)
         steps = [s for s in plan if s.num_pred > 0]
         scales = [cfg_scale(params.cfg, params.cfg_schedule, s.mask_len, seq_len) for s in steps]
         slot = self.pool.acquire()

@@ -143,14 +143,14 @@ def run_ablations(
         if reference_path is not None:
             save_reference(reference_path, settings, mar_row, reference)
     noise = _Noise(num, reference)
-    rows = [{**mar_row, **noise.of(reference)}]
+    rows = [{**mar_row, **noise.of(noise.mar)}]
     for name, config in variants.items():
         psnrs: list[float] = []
         images: dict[int, Tensor] = {}
         row = report(name, _versus_mar(pipe, params, config, reference, psnrs, images))
-        psnr_db = sum(psnrs) / len(psnrs)
-        rows.append({**row, "decoding": asdict(config), "psnr_vs_mar_db": psnr_db,
-                     **noise.of(images, versus_mar=True)})  # fmt: skip
+        feats = judge_features(_in_seed_order(images))
+        rows.append({**row, "decoding": asdict(config), "psnr_vs_mar_db": sum(psnrs) / len(psnrs),
+                     **noise.of(feats, versus_mar=True)})  # fmt: skip
     return rows
 
 
@@ -164,8 +164,8 @@ class _Noise:
         self.real = judge_features(default_split().test_images, generated=False)
         self.mar = judge_features(_in_seed_order(reference))
 
-    def of(self, images: dict[int, Tensor], versus_mar: bool = False) -> dict:
-        feats = judge_features(_in_seed_order(images))
+    def of(self, feats: np.ndarray, versus_mar: bool = False) -> dict:
+        """The columns of a row whose images have the judge's features `feats`."""
         enough = len(self.labels) >= 4 * NUM_CLASSES
         out = {"frechet_sd": frechet_spread(feats, self.labels, self.real) if enough else None}
         if versus_mar:

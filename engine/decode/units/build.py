@@ -25,14 +25,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from engine.decode.gtr import two_stage_plan
 from engine.decode.head import HeadPlan, HeadPolicy
 from engine.decode.passes import head as head_pass
 from engine.decode.passes.common import Call
 from engine.decode.passes.full import full_pass
 from engine.decode.policy import DecodeConfig
 from engine.decode.pool import SlotPool
-from engine.decode.schedules import step_plan
 from engine.decode.units.common import UNITS_MODES, DecodeUnits, compare, log
 from engine.decode.units.full import PASS_BUCKETS, FullUnits
 from engine.decode.units.head import HEAD_BUCKETS, HeadUnits
@@ -176,14 +174,7 @@ def powers_of_two(upto: int) -> tuple[int, ...]:
 def most_tokens_per_step(seq_len: int, num_iter: int, configs: Iterable[DecodeConfig]) -> int:
     """The most tokens one image predicts in one step of a `num_iter` run, over `configs`
     (GtR's two stages where a config has them)."""
-    most = 0
-    for config in configs:
-        gtr = config.gtr
-        plan = (
-            step_plan(num_iter, seq_len) if gtr is None else two_stage_plan(num_iter, seq_len, gtr)
-        )
-        most = max(most, max(step.num_pred for step in plan))
-    return most
+    return max(s.num_pred for config in configs for s in config.step_plan(num_iter, seq_len))
 
 
 def sized_buckets(
