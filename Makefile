@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-throughput bench-gpu-service train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-service train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,14 +85,11 @@ bench-cpu: install  ## MAR-B random weights, 64 steps, cfg 2.9, fp32, modes inte
 	$(BIN)/marche bench --model mar_base --batch 1 --device cpu --repeats 2 --json out/bench_cpu_b1.json
 	$(BIN)/marche bench --model mar_base --batch 16 --device cpu --repeats 1 --json out/bench_cpu_b16.json
 
-bench-gpu:  ## on a CUDA node with CUDA torch: GPU tests + batch 1/4/16 latency, eager vs graphs, < 9 min
-	scripts/bench_gpu.sh latency out/gpu
-
-bench-gpu-throughput:  ## on a CUDA node: every mode on MAR-B/L/H at batch 128, then a profile of MAR-B, < 9 min
-	scripts/bench_gpu.sh throughput out/gpu
+bench-gpu:  ## on a CUDA node: one command < 9 min: CUDA tests, MAR-B/L/H eager vs CUDA graphs at batch 128, profile, batch 1/4/16
+	$(PYTHON) scripts/bench_gpu.py gpu --out out/gpu
 
 bench-gpu-service:  ## on a CUDA node: marche serve on MAR-B under the load bench (real engine), < 9 min
-	scripts/bench_gpu.sh service out/gpu
+	$(PYTHON) scripts/bench_gpu.py service --out out/gpu
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install

@@ -172,8 +172,10 @@ class Pipeline:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
         spec, dev = MODELS[name], resolve_device(device)
         config = spec.config
-        if random_weights:
-            model = MAR(config).to(dev).eval()
+        if random_weights:  # initialised where it runs: MAR-H's 0.9 G weights in seconds on a GPU
+            with dev:
+                model = MAR(config)
+            model = model.to(dev).eval()
         else:
             checkpoint, vae = weight_paths(name, checkpoint, vae)
             model = load_mar(config, checkpoint, dev)
@@ -183,7 +185,9 @@ class Pipeline:
         elif vae is not None:
             tokenizer = KL16Tokenizer(config, load_vae(vae, KL16, dev))
         else:  # random weights: an untrained VAE
-            tokenizer = KL16Tokenizer(config, AutoencoderKL(KL16).to(dev).eval())
+            with dev:
+                vae_model = AutoencoderKL(KL16)
+            tokenizer = KL16Tokenizer(config, vae_model.to(dev).eval())
         pipeline = cls(name, model, tokenizer, dev, resolve_dtype(dtype, dev))
         cast_matmul_weights(model, pipeline.dtype)
         if units != "off":

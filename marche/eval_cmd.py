@@ -218,9 +218,14 @@ def bench(
         typer.Option(
             help="time eager vs the head and transformer passes as units per bucket: "
             "cuda-graphs, compile or static, interleaved, per mode and --batches "
-            "(with --dispatch: count each unit run as one call)"
+            "(with --dispatch: count each unit run as one call; with --profile: profile "
+            "the units)"
         ),
     ] = None,
+    eager: Annotated[
+        bool,
+        typer.Option(help="with --units: time eager too, interleaved (--no-eager: units alone)"),
+    ] = True,
     batches: Annotated[
         str, typer.Option(help="with --dispatch, --profile or --units: comma-separated batches")
     ] = "1,4,16",
@@ -256,7 +261,8 @@ def bench(
             params = replace(defaults, num_iter=steps or defaults.num_iter,
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = profile_table(models[0], mode_list, sizes, params, device, dtype)
+            report = profile_table(models[0], mode_list, sizes, params, device, dtype,
+                                   units=units or "off")  # fmt: skip
         elif units is not None and not dispatch:
             from engine.eval.latency import units_table
 
@@ -265,7 +271,7 @@ def bench(
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
             report = units_table(models[0], units, mode_list, sizes, params, device, dtype,
-                                 repeats, knobs, head_buckets, pass_buckets)  # fmt: skip
+                                 repeats, knobs, head_buckets, pass_buckets, eager)  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
 
@@ -415,16 +421,27 @@ def _print_units(report: dict) -> None:
         f"{u['memory_bytes'] / 2**20:.1f} MiB, {u['hits']} hits, {u['misses']} eager"
         for name, u in report["units"].items()
     )
-    table = Table("mode", "batch", "eager ms/step", f"{report['units_mode']} ms/step", "speed-up",
-                  "max |token diff|",
+    runners = ["eager", "units"] if report.get("eager", True) else ["units"]
+    mode = report["units_mode"]
+    columns = [f"{'eager' if r == 'eager' else mode} {c}" for r in runners
+               for c in ("ms/step", "s/image", "vs mar", "peak GiB")]  # fmt: skip
+    if "eager" in runners:
+        columns += ["speed-up", "max |token diff|"]
+    table = Table("mode", "batch", *columns,
                   title=f"{report['model']} on {report['device']} ({report['dtype']}), "
                   f"{report['steps']} steps, cfg {report['cfg']}, median of {report['repeats']}; "
                   f"{built}")  # fmt: skip
     for row in report["rows"]:
-        table.add_row(row["mode"], str(row["batch"]), f"{row['eager_ms_per_step']:.2f}",
-                      f"{row['units_ms_per_step']:.2f}", f"{row['speedup']:.2f}x",
-                      f"{row['max_token_diff']:.1e}")  # fmt: skip
-    Console(width=130).print(table)
+        cells = []
+        for r in runners:
+            vs_mar, peak = row.get(f"{r}_vs_mar"), row.get(f"{r}_peak_bytes")
+            cells += [f"{row[f'{r}_ms_per_step']:.2f}", f"{row[f'{r}_s_per_image']:.4f}",
+                      "-" if vs_mar is None else f"{vs_mar:.2f}x",
+                      "-" if peak is None else f"{peak / 2**30:.1f}"]  # fmt: skip
+        if "eager" in runners:
+            cells += [f"{row['speedup']:.2f}x", f"{row['max_token_diff']:.1e}"]
+        table.add_row(row["mode"], str(row["batch"]), *cells)
+    Console(width=160).print(table)
 
 
 def _print_timing(report: dict) -> None:

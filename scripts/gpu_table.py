@@ -1,6 +1,10 @@
-"""Markdown tables of the `marche bench` JSON files that scripts/bench_gpu.sh writes: per image,
-per phase, speed-up over exact MAR and ms per AR step (mar_*.json); eager vs CUDA-graph units
-in ms per AR step, with their capture time and memory (units_*.json: the latency floor)."""
+"""Markdown tables of the JSON files that scripts/bench_gpu.py writes: eager vs units (CUDA
+graphs) per model, batch and mode, in ms per AR step and s/image, with each mode's speed-up
+over exact MAR under the units, peak memory, and the units' capture time and memory
+(units_*.json); torch.profiler summaries (profile_*.json); each stage's outcome
+(status_*.json); the service under the load bench (loadbench_*.json). Also the eager
+per-phase tables of older runs (mar_*.json: per image, per phase, speed-up over exact MAR, ms
+per AR step)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ def _units(report: dict) -> str:
     """How the run's phases ran: `units` (older files: `compile`, the removed torch.compile
     of the hot paths)."""
     return report.get("units", report.get("compile", "off"))
+
+
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
 
 
 def main(out: Path) -> None:
@@ -44,9 +56,9 @@ def main(out: Path) -> None:
     if units:
         lines += [
             "",
-            "| model | batch | mode | eager ms/step | graphs ms/step | speed-up "
-            "| max token diff | units built (s, MiB) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | batch | steps | mode | eager ms/step | units ms/step | speed-up "
+            "| units s/image | units vs mar | peak GiB | max token diff | units built (s, MiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for path in units:
         report = json.loads(path.read_text())
@@ -55,9 +67,13 @@ def main(out: Path) -> None:
                           for name, u in report["units"].items())  # fmt: skip
         for row in report["rows"]:
             lines.append(
-                f"| {report['model']} | {row['batch']} | {row['mode']} "
-                f"| {row['eager_ms_per_step']:.1f} | {row['units_ms_per_step']:.1f} "
-                f"| {row['speedup']:.2f}x | {row['max_token_diff']:.1e} | {built} |"
+                f"| {report['model']} | {row['batch']} | {report.get('steps', '-')} "
+                f"| {row['mode']} | {_num(row.get('eager_ms_per_step'), '.1f')} "
+                f"| {row['units_ms_per_step']:.1f} | {_num(row.get('speedup'), '.2f', 'x')} "
+                f"| {_num(row.get('units_s_per_image'), '.4f')} "
+                f"| {_num(row.get('units_vs_mar'), '.2f', 'x')} "
+                f"| {_num(_gib(row.get('units_peak_bytes')), '.1f')} "
+                f"| {_num(row.get('max_token_diff'), '.1e')} | {built} |"
             )
     profiles = sorted(out.glob("profile_*.json"))
     if profiles:
@@ -76,6 +92,28 @@ def main(out: Path) -> None:
                 f"| {row['host_ms_per_step']:.1f} | {'-' if busy is None else f'{busy:.0%}'} "
                 f"| {tops} |"
             )
+    benches = sorted(out.glob("loadbench_*.json"))
+    if benches:
+        lines += [
+            "",
+            "| model | scheduler | idle s | capacity req/s | load | throughput req/s | p50 s "
+            "| p99 s | p99 / idle | 503s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for path in benches:  # loadtest.loadbench: the service on the device
+        for r in json.loads(path.read_text())["results"]:
+            for load, x in r["loads"].items():
+                lines.append(
+                    f"| {r['model']} | {r['scheduler']} | {r['idle_latency_s']:.3f} "
+                    f"| {r['capacity_rps']:.2f} | {float(load):.0%} | {x['throughput_rps']:.2f} "
+                    f"| {x['p50_s']:.3f} | {x['p99_s']:.3f} "
+                    f"| {x['p99_s'] / r['idle_latency_s']:.1f} | {x['shed_503']} |"
+                )
+    for path in sorted(out.glob("status_*.json")):  # scripts/bench_gpu.py: each stage's outcome
+        part = path.stem.removeprefix("status_")
+        lines += ["", f"| {part} stage | status | seconds | limit s |", "|---|---|---|---|"]
+        for o in json.loads(path.read_text()):
+            lines.append(f"| {o['stage']} | {o['status']} | {o['seconds']:.0f} | {o['limit_s']} |")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_GPU = ROOT / "scripts" / "bench_gpu.sh"
+BENCH_GPU = ROOT / "scripts" / "bench_gpu.py"
 GPU_TABLE = ROOT / "scripts" / "gpu_table.py"
 
 
@@ -30,33 +32,79 @@ REPORT = {
 }
 
 
-def test_bench_gpu_timeouts_fit_in_nine_minutes():
-    """Each part must fit one device-tool command (10 min) with time to spare; every command is
-    under a timeout, so a part's timeouts bound it (15 s are left for the device query and the
-    table)."""
-    text = BENCH_GPU.read_text()
-    for line in text.splitlines():  # every command that runs a model or the tests is timed
-        if any(c in line for c in ("$MARCHE bench", "-m pytest", "-m loadtest")):
-            assert "timeout" in line, line
-    parts = dict(re.findall(r"^(latency|throughput|service)\)\n(.*?)^  ;;", text, re.S | re.M))
-    assert set(parts) == {"latency", "throughput", "service"}
-    for name, body in parts.items():
-        literal = [int(s) for s in re.findall(r"\btimeout (\d+)\b", body)]
-        budgets = [int(s) for s in re.findall(r"\]=(\d+)", body)]
-        runs = re.findall(r"^\s*(?:MARCHE_MODEL=\S+ )?(?:run|units|service_bench) ", body, re.M)
-        assert budgets and runs, name
-        assert sum(literal) + sum(budgets) <= 9 * 60 - 15, (name, sum(literal) + sum(budgets))
-    latency = parts["latency"]
-    assert len(re.findall(r"^\s*units ", latency, re.M)) == 2  # batch 1 per size; small batches
-    assert "mar_huge" in latency and "--batches 1\n" in latency and "--batches 4,16" in latency
+def _bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_GPU)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_is_one_command_under_nine_minutes_per_part(tmp_path):
+    """Each part is one device-tool command (10 min) with time to spare: its stages run under
+    one deadline, and the device queries (each under its timeout) and the table fit in what
+    is left; no stage's limit exceeds the deadline, so the first always runs whole."""
+    bench_gpu = _bench_gpu()
+    assert bench_gpu.DEADLINE_S + 2 * bench_gpu.QUERY_S + 10 <= 9 * 60
+    for part, stages in bench_gpu.PARTS.items():
+        listed = stages(bench_gpu.Sizes(smoke=False), tmp_path)
+        assert listed and all(s.limit_s <= bench_gpu.DEADLINE_S for s in listed), part
+    names = [s.name for s in bench_gpu.gpu_stages(bench_gpu.Sizes(False), tmp_path)]
+    # the issue's headline first (after the tests): MAR-B at batch 128, eager against units
+    assert names[:3] == ["tests", "mar_base_b128", "profile"]
+    assert {"mar_base_b1", "mar_large_b128", "mar_huge_b128", "mar_base_b4_b16"} <= set(names)
+
+
+def test_bench_gpu_skips_what_the_deadline_leaves_no_room_for(tmp_path):
+    """Stages run in order under min(limit, time left); one with less than half its limit
+    left is skipped, not started; a failing or overrunning stage is reported as such."""
+    bench_gpu = _bench_gpu()
+    stages = [
+        bench_gpu.Stage("ok", 5, ("-c", "pass")),
+        bench_gpu.Stage("fails", 5, ("-c", "raise SystemExit(3)")),
+        bench_gpu.Stage("slow", 2, ("-c", "import time; time.sleep(30)")),
+        bench_gpu.Stage("no room", 14, ("-c", "pass")),  # ~6 s left of 8: under half of 14
+        bench_gpu.Stage("small", 1, ("-c", "pass")),
+    ]
+    with (tmp_path / "log.txt").open("w") as log:
+        outcomes = bench_gpu.run_stages(stages, log, deadline_s=8)
+    status = {o["stage"]: o["status"] for o in outcomes}
+    assert status == {"ok": "ok", "fails": "failed (exit 3)", "slow": "timed out",
+                      "no room": "skipped (deadline)", "small": "ok"}  # fmt: skip
+    assert next(o for o in outcomes if o["stage"] == "slow")["seconds"] < 15
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_runs_every_stage_and_the_table_reads_them(tmp_path):
+    """`scripts/bench_gpu.py --smoke`: every stage of both parts, on digits on the CPU with
+    static units, batches <= 4 and 4 steps: their command lines are valid, they write what
+    the table renders, and every stage reports ok."""
+    for part in ("gpu", "service"):
+        subprocess.run([sys.executable, str(BENCH_GPU), part, "--smoke", "--out", str(tmp_path)],
+                       check=True, capture_output=True, timeout=600)  # fmt: skip
+    table = (tmp_path / "table.md").read_text()
+    for name in ("mar_base_b128", "profile", "mar_huge_b128", "mar_base_b128_gtr"):
+        assert f"| {name} | ok |" in table
+    assert "| loadbench_digits | ok |" in table
+    rows = [ln for ln in table.splitlines() if ln.startswith("| digits |")]
+    units_rows = [r for r in rows if r.count("|") == 13]
+    assert {r.split("|")[4].strip() for r in units_rows} == {"mar", "marche", "turbo", "quality",
+                                                           "fast"}  # fmt: skip
+    eager = [r for r in units_rows if r.split("|")[5].strip() != "-"]  # eager against units
+    assert eager and all(float(r.split("|")[11]) < 1e-3 for r in eager)  # same tokens
+    assert any("continuous" in r for r in rows)  # the service's load bench
 
 
 UNITS = {
     "model": "mar_base",
     "units": {"head": {"built": 18, "build_seconds": 2.5, "memory_bytes": 3 * 2**20},
               "full": {"built": 96, "build_seconds": 4.0, "memory_bytes": 2**20}},
+    "steps": 64,
     "rows": [{"mode": "mar", "batch": 1, "eager_ms_per_step": 40.0, "units_ms_per_step": 4.0,
-              "speedup": 10.0, "max_token_diff": 0.002}],
+              "units_s_per_image": 0.256, "units_vs_mar": 1.0, "units_peak_bytes": 5.5 * 2**30,
+              "speedup": 10.0, "max_token_diff": 0.002},
+             {"mode": "turbo", "batch": 128, "units_ms_per_step": 2.0, "units_s_per_image": 0.001,
+              "units_vs_mar": 3.0, "units_peak_bytes": None}],
 }  # fmt: skip
 
 
@@ -65,9 +113,11 @@ def test_gpu_table_renders_a_units_report(tmp_path):
     out = subprocess.run([sys.executable, str(GPU_TABLE), str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert "| model | units |" not in out  # no empty throughput table
-    row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 1 | mar")]
-    assert row == ["| mar_base | 1 | mar | 40.0 | 4.0 | 10.00x | 2.0e-03 | head 18 (2.5 s, 3 MiB), "
-                   "full 96 (4.0 s, 1 MiB) |"]  # fmt: skip
+    row = [ln for ln in out.splitlines() if ln.startswith("| mar_base | 1 | 64 | mar")]
+    assert row == ["| mar_base | 1 | 64 | mar | 40.0 | 4.0 | 10.00x | 0.2560 | 1.00x | 5.5 "
+                   "| 2.0e-03 | head 18 (2.5 s, 3 MiB), full 96 (4.0 s, 1 MiB) |"]  # fmt: skip
+    # a units-alone row (--no-eager): no eager column, speed-up or token difference
+    assert "| mar_base | 128 | 64 | turbo | - | 2.0 | - | 0.0010 | 3.00x | - | - |" in out
 
 
 def test_gpu_table_renders_a_bench_report(tmp_path):

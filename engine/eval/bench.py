@@ -125,7 +125,6 @@ def bench(
     repeats: int = 1,
     warmup_steps: int = 2,
     marche: MarcheConfig | None = None,
-    units: str = "off",
     progress: Callable[[str, int, float, dict[str, float]], None] | None = None,
 ) -> dict:
     """Time every mode on the same classes, seeds and settings. Timed runs interleave the
@@ -133,14 +132,10 @@ def bench(
     them; each mode reports its median run. `progress(mode, run, seconds, phases)` hears of
     each timed run as it ends, with that run's seconds per phase, so a run stopped part-way
     (a batch-16 table on a CPU takes hours) still leaves per-phase numbers."""
-    pipe = Pipeline.load(
-        model, device=device, dtype=dtype, random_weights=model != "digits", units=units
-    )
+    pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
     params = params or pipe.spec.defaults
     # Warm-up: kernels, allocator and caches, on the first steps of a real run of each mode.
-    # Units are built per shape on first use (annealed head plans, the step engine's pool),
-    # so with units it is a full run.
-    warm_up(pipe, modes, batch, params, marche, None if units != "off" else warmup_steps)
+    warm_up(pipe, modes, batch, params, marche, warmup_steps)
     phases: dict[str, dict[str, float]] = {m: dict.fromkeys(PHASES, 0.0) for m in modes}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     fractions: dict[str, list[float]] = {m: [] for m in modes}
@@ -174,7 +169,7 @@ def bench(
         "steps": params.num_iter,
         "cfg": params.cfg,
         "repeats": repeats,
-        "units": units,
+        "units": "off",  # eager; units are timed by `engine.eval.latency`
         "marche": (marche or MarcheConfig()).__dict__,
         "modes": {m: r.to_dict() for m, r in results.items()},
     }

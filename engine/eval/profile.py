@@ -1,7 +1,8 @@
 """Where a run's time goes, from `torch.profiler` (`marche bench --profile`).
 
-Per mode and batch, one warm-up run, then one profiled run of `generate_tokens` (the AR loop,
-no VAE): its wall time per AR step; on a GPU, how busy the device was (the CUDA kernels' time
+Per mode and batch, one warm-up run, then one profiled run of the AR loop (no VAE; through a
+step engine kept per batch, as `marche bench --units` runs it, with `--units` through the
+units): its wall time per AR step; on a GPU, how busy the device was (the CUDA kernels' time
 over the wall time: below 1 where the host's launches leave it idle) and the top kernels; on
 a CPU, the top operators. `host_ms_per_step` is the operators' own CPU time per step: on a
 GPU the time spent dispatching and launching, which bounds a launch-bound step from below.
@@ -14,11 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from engine.decode.policy import make_policy
+from engine.eval.latency import run_batch
 from engine.model.config import SamplingParams
 from engine.pipeline import Pipeline
 
@@ -31,18 +32,22 @@ def profile_table(
     device: str = "auto",
     dtype: str = "auto",
     top: int = 8,
+    units: str = "off",
 ) -> dict:
-    """{"model", "device", "dtype", "rows": [one summary per (batch, mode)]} on `model`
-    (random weights unless digits)."""
-    pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
+    """{"model", "device", "dtype", "units", "rows": [one summary per (batch, mode)]} on
+    `model` (random weights unless digits), its phases run as `units` (sized for the largest
+    of `batches`), or eager."""
+    pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits",
+                         units=units, max_batch_size=max(batches))  # fmt: skip
     cuda = pipe.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
+    engines = {}  # one step engine per batch, kept as a server keeps it (its pool's units)
+
     def run(mode: str, batch: int) -> None:
-        classes = [i % pipe.num_classes for i in range(batch)]
-        pipe.generate_tokens(classes, list(range(batch)), params=params, policy=make_policy(mode))
-        if cuda:
-            torch.cuda.synchronize(pipe.device)
+        if batch not in engines:
+            engines[batch] = pipe.step_engine(batch)
+        run_batch(pipe, engines[batch], mode, batch, params, None)
 
     rows = []
     for batch in batches:
@@ -55,7 +60,7 @@ def profile_table(
             steps = make_policy(mode).config.num_steps(params.num_iter)
             rows.append(summary(prof, mode, batch, wall, steps, cuda, top))
     return {"model": model, "device": str(pipe.device), "dtype": str(pipe.dtype).split(".")[-1],
-            "steps": params.num_iter, "rows": rows}  # fmt: skip
+            "units": units, "steps": params.num_iter, "rows": rows}  # fmt: skip
 
 
 def summary(

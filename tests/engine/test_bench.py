@@ -65,3 +65,37 @@ def test_the_units_bench_times_eager_against_units_and_builds_pool_units_once():
     assert row["max_token_diff"] < 1e-3
     lazy = report["units"]["lazy"]
     assert lazy["hits"] == 2 * 2 and lazy["built"] == 2 * 2 and lazy["misses"] == 0
+
+
+def test_the_units_bench_warms_eager_up_on_its_first_steps_and_may_time_units_alone(
+    monkeypatch,
+):
+    """Eager builds nothing, so its warm-up round is its first steps only (a whole eager run
+    at batch 128 is a minute of a GPU); the units' is a whole run (they are built on first
+    use). `eager=False` times the units alone, each mode against exact MAR under them."""
+    from engine.eval.latency import units_table
+
+    steps: dict[int, int] = {}  # per step engine, in the order they were made
+    real_step = StepEngine.step
+
+    def counting_step(self, rows, *args, **kwargs):
+        steps[id(self)] = steps.get(id(self), 0) + 1
+        return real_step(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(StepEngine, "step", counting_step)
+    params = SamplingParams(num_iter=4, cfg=3.0)
+    report = units_table("digits", "static", ["mar"], [1], params, repeats=1,
+                         eager_warmup_steps=1)  # fmt: skip
+    assert list(steps.values()) == [1 + 4, 4 + 4]  # eager, then units: warm-up + timed round
+    (row,) = report["rows"]
+    assert row["eager_vs_mar"] == row["units_vs_mar"] == 1.0
+    assert row["units_peak_bytes"] is None  # no device memory to read on a CPU
+    assert row["units_s_per_image"] == pytest.approx(row["units_ms_per_step"] * 4 / 1e3)
+
+    alone = units_table("digits", "static", ["mar", "turbo"], [2], params, repeats=1,
+                        eager=False)  # fmt: skip
+    assert alone["eager"] is False
+    for row in alone["rows"]:
+        assert "eager_ms_per_step" not in row and "speedup" not in row
+        assert row["units_ms_per_step"] > 0 and row["units_vs_mar"] > 0
+    assert alone["rows"][0]["units_vs_mar"] == 1.0

@@ -1,4 +1,4 @@
-"""On a CUDA device (skipped without one; `scripts/bench_gpu.sh` runs them): every mode's
+"""On a CUDA device (skipped without one; `scripts/bench_gpu.py` runs them): every mode's
 knobs off are exact in fp32, every mode runs under bf16 autocast, and a non-full step makes
 no host sync (CUDA's sync debug mode turns any into an error)."""
 
