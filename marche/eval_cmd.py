@@ -213,6 +213,14 @@ def bench(
             "(operators on a CPU), device busy share, host time per step",
         ),
     ] = False,
+    attention: Annotated[
+        bool,
+        typer.Option(
+            "--attention",
+            help="time MARché's cache-aware attention four ways (pool, pool_view, concat, lse) "
+            "per layer call on the model's decoder shapes at --batches",
+        ),
+    ] = False,
     units: Annotated[
         str | None,
         typer.Option(
@@ -254,7 +262,12 @@ def bench(
         for name in models:
             if name not in MODELS:
                 raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        if profile:
+        if attention:
+            from engine.eval.attention import attention_table
+
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+            report = attention_table(models[0], sizes, device, dtype, repeats=max(repeats, 20))
+        elif profile:
             from engine.eval.profile import profile_table
 
             defaults = MODELS[models[0]].defaults
@@ -304,7 +317,9 @@ def bench(
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
-    if profile:
+    if attention:
+        _print_attention(report)
+    elif profile:
         _print_profile(report)
     elif units is not None and not dispatch:
         _print_units(report)
@@ -413,6 +428,26 @@ def _print_profile(report: dict) -> None:
                       f"{row['host_ms_per_step']:.1f}", "-" if busy is None else f"{busy:.0%}",
                       tops)  # fmt: skip
     Console(width=150).print(table)
+
+
+def _print_attention(report: dict) -> None:
+    from engine.eval.attention import VARIANTS
+
+    table = Table("batch", "calls", *(f"{v} µs" for v in VARIANTS),
+                  *(f"{v} vs concat" for v in VARIANTS),
+                  title=f"{report['model']} decoder attention on {report['device']} "
+                  f"({report['dtype']}), {report['heads']} heads x {report['head_dim']}, "
+                  f"median of {report['repeats']}")  # fmt: skip
+    for row in report["rows"]:
+        us, vs = row["us_per_call"], row["vs_concat"] or {}
+        table.add_row(str(row["batch"]), str(row["calls"]),
+                      *(f"{us[v]:.0f}" if v in us else "error" for v in VARIANTS),
+                      *(f"{vs[v]:.2f}x" if v in vs else "-" for v in VARIANTS))  # fmt: skip
+    console = Console(width=160)
+    console.print(table)
+    for row in report["rows"]:
+        for name, error in row["errors"].items():
+            console.print(f"batch {row['batch']}: {name}: {error}", markup=False)
 
 
 def _print_units(report: dict) -> None:

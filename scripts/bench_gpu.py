@@ -22,8 +22,11 @@ default cfg, units as CUDA graphs sized for the batch (`--units cuda-graphs`, bu
   4. MAR-B at batch 1, 64 steps, eager against units (the batch-1 target);
   5. MAR-L and 6. MAR-H at batch 128, 64 steps, units alone (MARché's and turbo's speed-ups
      over exact MAR under the units);
-  7. MAR-B at batches 4 and 16, 16 steps, eager against units;
-  8. the GtR presets (quality, fast) against mar on MAR-B at batch 128, units alone.
+  7. MARché's cache-aware attention four ways (ours, without the gather, the paper's concat
+     baseline, two calls merged by log-sum-exp) per layer call on MAR-B's shapes at batch 1,
+     16 and 128 (`marche bench --attention`);
+  8. MAR-B at batches 4 and 16, 16 steps, eager against units;
+  9. the GtR presets (quality, fast) against mar on MAR-B at batch 128, units alone.
 Peak device memory is in every row. `--smoke` runs the same stages on digits on the CPU with
 static units, batches of at most 4 and 4 steps: it checks their command lines and that the
 table reads what they write (tests/test_scripts.py).
@@ -120,6 +123,9 @@ def gpu_stages(sizes: Sizes, out: Path) -> list[Stage]:
                *sizes.device, "--units", sizes.units, "--modes", "mar,marche,turbo",
                "--batches", sizes.batches(1, 128), "--steps", sizes.steps(16),
                "--json", str(out / "profile_mar_base.json"))  # fmt: skip
+    attention = ("-m", "marche", "bench", "--attention", "--model", sizes.model("mar_base"),
+                 *sizes.device, "--batches", sizes.batches(1, 16, 128),
+                 "--json", str(out / "attention_mar_base.json"))  # fmt: skip
     return [
         Stage("tests", 60, tests + (("--collect-only",) if sizes.smoke else ())),
         units("mar_base_b128", 150, "mar_base", (128,), 64),
@@ -127,6 +133,7 @@ def gpu_stages(sizes: Sizes, out: Path) -> list[Stage]:
         units("mar_base_b1", 90, "mar_base", (1,), 64, repeats=2),
         units("mar_large_b128", 50, "mar_large", (128,), 64, eager=False),
         units("mar_huge_b128", 70, "mar_huge", (128,), 64, eager=False),
+        Stage("attention", 30, attention),
         units("mar_base_b4_b16", 45, "mar_base", (4, 16), 16),
         units("mar_base_b128_gtr", 45, "mar_base", (128,), 64, "mar,quality,fast", eager=False),
     ]

@@ -1,10 +1,10 @@
 """Markdown tables of the JSON files that scripts/bench_gpu.py writes: eager vs units (CUDA
 graphs) per model, batch and mode, in ms per AR step and s/image, with each mode's speed-up
 over exact MAR under the units, peak memory, and the units' capture time and memory
-(units_*.json); torch.profiler summaries (profile_*.json); each stage's outcome
-(status_*.json); the service under the load bench (loadbench_*.json). Also the eager
-per-phase tables of older runs (mar_*.json: per image, per phase, speed-up over exact MAR, ms
-per AR step)."""
+(units_*.json); torch.profiler summaries (profile_*.json); the cache-aware attention variants
+(attention_*.json); the service under the load bench (loadbench_*.json); each stage's outcome
+(status_*.json). Also the eager per-phase tables of older runs (mar_*.json: per image, per
+phase, speed-up over exact MAR, ms per AR step)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,24 @@ def main(out: Path) -> None:
                 f"| {report['model']} | {row['batch']} | {row['mode']} | {row['ms_per_step']:.1f} "
                 f"| {row['host_ms_per_step']:.1f} | {'-' if busy is None else f'{busy:.0%}'} "
                 f"| {tops} |"
+            )
+    for path in sorted(out.glob("attention_*.json")):  # marche bench --attention
+        report = json.loads(path.read_text())
+        variants = list(report["rows"][0]["us_per_call"]) if report["rows"] else []
+        lines += [
+            "",
+            f"| model | batch | calls | {' | '.join(f'{v} µs' for v in variants)} "
+            f"| {' | '.join(f'{v} vs concat' for v in variants)} | errors |",
+            "|---|---|---|" + "---|" * (2 * len(variants) + 1),
+        ]
+        for row in report["rows"]:
+            us, vs = row["us_per_call"], row["vs_concat"] or {}
+            lines.append(
+                f"| {report['model']} | {row['batch']} | {row['calls']} | "
+                + " | ".join(_num(us.get(v), ".0f") for v in variants)
+                + " | "
+                + " | ".join(_num(vs.get(v), ".2f", "x") for v in variants)
+                + f" | {'; '.join(f'{k}: {e}' for k, e in row['errors'].items()) or '-'} |"
             )
     benches = sorted(out.glob("loadbench_*.json"))
     if benches:

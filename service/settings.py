@@ -67,6 +67,11 @@ class ServiceSettings(BaseSettings):
     )
     max_body_bytes: int = Field(16384, ge=256, description="largest POST body (else 413)")
     warmup: bool = True  # a probe generation before /readyz turns 200
+    warmup_steps: int | Literal["auto", "all"] = Field(
+        "auto", description="steps of the warm-up batch: 'all' runs every row to its end, so "
+        "units built on first use (CUDA graphs of the pool's passes, annealed head plans) "
+        "are built before the first request; 'auto': 'all' where units are CUDA graphs, "
+        "else 3")  # fmt: skip
     preview_every: int = Field(4, ge=1, description="stream a preview every N steps")
 
     # decoding defaults (a request may choose mode; the MARché knobs are per server)
@@ -75,6 +80,13 @@ class ServiceSettings(BaseSettings):
     marche_selection_layer: int = Field(2, ge=1)
     marche_refresh_period: int = Field(3, ge=1)
     marche_encoder: Literal["cache", "full"] = "cache"
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_steps(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("warmup_steps is 'auto', 'all' or at least 1")
+        return value
 
     @field_validator("head_buckets", "pass_buckets")
     @classmethod

@@ -83,16 +83,18 @@ def test_bench_gpu_smoke_runs_every_stage_and_the_table_reads_them(tmp_path):
         subprocess.run([sys.executable, str(BENCH_GPU), part, "--smoke", "--out", str(tmp_path)],
                        check=True, capture_output=True, timeout=600)  # fmt: skip
     table = (tmp_path / "table.md").read_text()
-    for name in ("mar_base_b128", "profile", "mar_huge_b128", "mar_base_b128_gtr"):
+    for name in ("mar_base_b128", "profile", "mar_huge_b128", "attention", "mar_base_b128_gtr"):
         assert f"| {name} | ok |" in table
     assert "| loadbench_digits | ok |" in table
     rows = [ln for ln in table.splitlines() if ln.startswith("| digits |")]
-    units_rows = [r for r in rows if r.count("|") == 13]
+    units_rows = [r for r in rows if r.endswith("MiB) |")]  # its last column: units built
     assert {r.split("|")[4].strip() for r in units_rows} == {"mar", "marche", "turbo", "quality",
                                                            "fast"}  # fmt: skip
     eager = [r for r in units_rows if r.split("|")[5].strip() != "-"]  # eager against units
     assert eager and all(float(r.split("|")[11]) < 1e-3 for r in eager)  # same tokens
     assert any("continuous" in r for r in rows)  # the service's load bench
+    attention = [r for r in rows if r.endswith("| - |")]  # its last column: no errors
+    assert len(attention) == 2 and all("| 1.00x |" in r for r in attention)  # vs concat
 
 
 UNITS = {

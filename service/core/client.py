@@ -149,6 +149,7 @@ class LocalEngineClient:
             pause_rows=settings.pause_rows,
             aging_s=settings.aging_s,
             tenant_queue_size=settings.tenant_queue_size,
+            warmup_steps=warmup_steps(settings.warmup_steps, self.pipeline),
         )
         self._info = model_info(self.pipeline, settings)
 
@@ -226,3 +227,12 @@ class LocalEngineClient:
             if not result.done():
                 self.worker.cancel(job, "disconnected")
                 result.cancel()  # nobody awaits it now: its JobCancelled must not be logged
+
+
+def warmup_steps(setting: int | str, pipeline: Pipeline) -> int | None:
+    """The warm-up's steps (None: every row to its end) for the `warmup_steps` setting."""
+    if setting == "auto":
+        graphs = any(u is not None and u.mode == "cuda-graphs"
+                     for u in pipeline.units.families().values())  # fmt: skip
+        return None if graphs else 3
+    return None if setting == "all" else int(setting)

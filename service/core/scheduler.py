@@ -43,19 +43,26 @@ class ContinuousScheduler:
         this scheduler's choices come from the same object."""
         self.queue, self.rows, self.preview_every = queue, rows, preview_every
 
-    def warmup(self, params: SamplingParams, steps: int = 3) -> None:
-        """The first `steps` steps of `max_batch_size` rows of `params` (the model's defaults),
-        the modes in turn, then one image decoded: allocates the cache pool, picks kernels and
-        times a full-width serving step, the queue's first step-time estimate. (A 2-step run
-        would predict every token in two steps: far heavier steps than serving ones.)"""
+    def warmup(self, params: SamplingParams, steps: int | None = 3) -> None:
+        """The first `steps` steps (None: every row to its end) of `max_batch_size` rows of
+        `params` (the model's defaults), the modes in turn, then one image decoded: allocates
+        the cache pool, picks kernels, builds what units are built on first use (all of them
+        for a whole run of each mode) and times a full-width serving step, the queue's first
+        step-time estimate. (A 2-step run would predict every token in two steps: far heavier
+        steps than serving ones.)"""
         width = min(self.queue.max_batch_size, self.rows.capacity)
         jobs = [Job(0, [i], params, MODES[i % len(MODES)], float("inf")) for i in range(width)]
         rows = [row for job in jobs for row in self.rows.admit(job, [0])]
-        for _ in range(max(1, min(steps, params.num_iter))):
+        live, taken, full_width_s = rows, 0, None
+        while live and (steps is None or taken < max(1, min(steps, params.num_iter))):
             started = time.monotonic()
-            self.rows.step(rows)
-            seconds = time.monotonic() - started
-        self.queue.step_time.observe(seconds)  # the last one: kernels picked, pool warm
+            self.rows.step(live)
+            if len(live) == len(rows):
+                full_width_s = time.monotonic() - started
+            taken += 1
+            live = [row for row in live if not self.rows.finished(row)]
+        if full_width_s is not None:  # the last full-width step: kernels picked, pool warm
+            self.queue.step_time.observe(full_width_s)
         self.rows.images(rows[:1])
         self.rows.release(rows)
 

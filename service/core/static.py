@@ -31,10 +31,13 @@ class StaticScheduler:
         self.queue, self.pipeline, self.marche = queue, pipeline, marche
         self.preview_every = preview_every
 
-    def warmup(self, params: SamplingParams, steps: int = 3) -> None:
+    def warmup(self, params: SamplingParams, steps: int | None = 3) -> None:
         """One small generation per mode (allocates, and on CUDA picks kernels), then the
         first `steps` steps of a `max_batch_size` batch of `params` in exact MAR (the costliest
-        mode: a cautious first step-time estimate for the queue)."""
+        mode: a cautious first step-time estimate for the queue). Each static batch runs in a
+        step engine of its own, so a whole run (`steps` None) would build nothing a batch
+        keeps: None means 3 here."""
+        steps = 3 if steps is None else steps
         for mode in MODES:
             policy = make_policy(mode, self.marche)
             self.pipeline.generate([0], [0], params=SamplingParams(num_iter=2, cfg=2.0),

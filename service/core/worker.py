@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 
 from engine.decode.marche import MarcheConfig
@@ -64,11 +65,13 @@ class EngineWorker:
         pause_rows: int | None = None,
         aging_s: float = 10.0,
         tenant_queue_size: int | None = None,
+        warmup_steps: int | None = 3,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}")
         self.pipeline = pipeline
         self.warmup_params = warmup_params  # None: the model's defaults
+        self.warmup_steps = warmup_steps  # None: every warm-up row to its end
         self.marche = marche or MarcheConfig()
         self.metrics = metrics
         scheduling = make_policy(policy if scheduler == "continuous" else "fifo", aging_s)
@@ -153,6 +156,10 @@ class EngineWorker:
         return {"policy": q.policy.name, "slots": q.slots, "rows_per_step": q.max_batch_size,
                 "tenant_queue_size": q.tenant_queue_size, **view}  # fmt: skip
 
+    def _units(self) -> dict:
+        """The pipeline's units by family (none for a worker over a fake row engine)."""
+        return self.pipeline.units.families() if self.pipeline is not None else {}
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -162,11 +169,23 @@ class EngineWorker:
     def _loop(self, warmup: bool) -> None:
         if warmup:
             try:
-                self._scheduler.warmup(self.warmup_params or self.pipeline.spec.defaults)
+                started = time.monotonic()
+                params = self.warmup_params or self.pipeline.spec.defaults
+                self._scheduler.warmup(params, self.warmup_steps)
             except Exception as exc:  # noqa: BLE001 - reported through /readyz
                 log.exception("warmup failed")
                 self.last_error = f"warmup failed: {exc}"
                 return
+            built = ", ".join(
+                f"{name} {u.stats.built} ({u.stats.build_seconds:.1f} s, "
+                f"{u.stats.memory_bytes / 2**20:.0f} MiB)"
+                for name, u in self._units().items() if u is not None
+            )  # fmt: skip
+            seconds = time.monotonic() - started
+            steps = self.warmup_steps or "all"
+            log.info(
+                "warm-up (%s steps) in %.1f s; units built: %s", steps, seconds, built or "none"
+            )
         self.ready = True
         self._scheduler.run()
         self.queue.refuse_waiting()  # shutting down: nothing accepted is silently lost

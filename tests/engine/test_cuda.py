@@ -100,3 +100,21 @@ def test_transformer_units_replay_what_eager_computes_on_cuda(cuda_deep, mode):
     assert units.full.stats.hits > 0 and units.full.stats.misses == 0
     lazy = units.lazy.stats
     assert lazy.misses == 0 and (lazy.hits > 0) == (mode != "mar")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_attention_runs_on_flash_or_memory_efficient_sdpa_on_cuda(cuda_deep, mode):
+    """Under bf16, with SDPA held to its flash and memory-efficient backends (it raises where
+    neither takes a call: a shape, a stride or a mask only the math backend serves), every
+    mode runs eager and through the transformer's units."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.decode.units.build import transformer_units
+
+    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(fast):
+        eager = run(cuda_deep, make_policy(mode))
+        units = transformer_units(cuda_deep, "cuda-graphs")
+        out = run(cuda_deep, make_policy(mode), units=units)
+    assert torch.isfinite(eager).all() and torch.isfinite(out).all()
+    assert units.full.stats.misses == 0 and units.lazy.stats.misses == 0

@@ -230,3 +230,33 @@ def test_trim_heap_runs_here():
     from service.core.memory import trim_heap
 
     assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # glibc has malloc_trim
+
+
+class ModeRows(FakeRows):
+    """GtR's modes (quality, fast) take 2 steps fewer, as they take fewer."""
+
+    def admit(self, job: Job, images) -> list[FakeRow]:
+        rows = super().admit(job, images)
+        for row in rows:
+            row.steps -= 2 if job.mode in ("quality", "fast") else 0
+        return rows
+
+
+@pytest.mark.parametrize(("steps", "widths"), [(3, [5] * 3), (None, [5] * 4 + [3] * 2)])
+def test_the_warm_up_takes_its_steps_or_runs_every_row_to_its_end(steps, widths):
+    """`warmup_steps` None (the setting "all"; "auto" on CUDA graphs): every row of the
+    full-width batch, one per mode, runs to its end, finished rows leaving, so what units
+    build on first use is built before the first request; the queue's first step time is a
+    full-width step's. 3: the first 3 steps."""
+    rows = ModeRows(capacity=5)
+    rows.delay = 0.01
+    worker = EngineWorker(None, rows=rows, max_batch_size=5, warmup_steps=steps,
+                          warmup_params=SamplingParams(num_iter=6, cfg=1.0))  # fmt: skip
+    worker.start(warmup=True)
+    deadline = time.monotonic() + 10
+    while not worker.ready:
+        assert time.monotonic() < deadline and worker.last_error is None, worker.last_error
+        time.sleep(0.01)
+    worker.stop(1.0)
+    assert [len(s) for s in rows.steps] == widths and rows.live == 0
+    assert worker.queue.step_time.seconds >= 0.01

@@ -189,3 +189,28 @@ def test_a_paused_image_is_bit_identical_to_the_image_never_paused(pipeline, mod
             assert order == ["ours"] * 3 + ["other"] * 6 + ["ours"] * (steps - 3)
     finally:
         worker.stop()
+
+
+def test_the_warm_up_runs_to_the_end_where_units_are_cuda_graphs(monkeypatch):
+    """`warmup_steps` "auto": a whole run where any family is CUDA graphs (their captures on
+    first use then happen before the first request, not in it), else 3 steps; "all" and a
+    number as said; 0 is refused, naming the field."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from engine.decode.units.common import DecodeUnits
+
+    eager = SimpleNamespace(units=DecodeUnits())
+    static = SimpleNamespace(units=DecodeUnits(head=SimpleNamespace(mode="static")))
+    graphs = SimpleNamespace(units=DecodeUnits(lazy=SimpleNamespace(mode="cuda-graphs")))
+    steps = engine_client.warmup_steps
+    assert [steps("auto", p) for p in (eager, static, graphs)] == [3, 3, None]
+    assert steps("all", eager) is None and steps(5, graphs) == 5
+    monkeypatch.setenv("MARCHE_WARMUP_STEPS", "all")
+    assert ServiceSettings().warmup_steps == "all"
+    monkeypatch.setenv("MARCHE_WARMUP_STEPS", "7")
+    assert ServiceSettings().warmup_steps == 7
+    monkeypatch.setenv("MARCHE_WARMUP_STEPS", "0")
+    with pytest.raises(ValidationError, match="warmup_steps"):
+        ServiceSettings()
