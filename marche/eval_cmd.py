@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -284,7 +285,8 @@ def bench(
                              cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
             sizes = [int(b) for b in batches.split(",") if b.strip()]
             report = units_table(models[0], units, mode_list, sizes, params, device, dtype,
-                                 repeats, knobs, head_buckets, pass_buckets, eager)  # fmt: skip
+                                 repeats, knobs, head_buckets, pass_buckets, eager,
+                                 on_row=partial(_write_json, json_path))  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
 
@@ -329,9 +331,13 @@ def bench(
         _print_dispatch(report)
     else:
         _print_timing(report)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    _write_json(json_path, report)
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def speculative(

@@ -8,17 +8,19 @@ A task is lent a device only by chance, with 15 minutes of device time for every
 machine's start included: the run is one command. Its stages go in the order their answers
 matter, each under its own time limit and all under one deadline; a stage that would start
 with less than half its limit left is skipped, never started to be killed. Every stage's
-outcome (ok, failed, timed out, skipped) and seconds go in status.json, its output in
+outcome (ok, failed, timed out, skipped) and seconds go in status_<part>.json, its output in
 log.txt, nvidia-smi before and after in nvidia-smi.txt, and table.md renders whatever JSON
 the stages wrote (scripts/gpu_table.py).
 
 The `gpu` part, bf16, random weights (speed does not depend on weight values), each model's
 default cfg, units as CUDA graphs sized for the batch (`--units cuda-graphs`, buckets auto):
-  1. the CUDA tests: units captured and replayed against eager in every mode, no host sync;
-  2. MAR-B at batch 128, 64 steps, mar / marche / turbo, eager against units (the paper's
+  1. MAR-B at batch 128, 64 steps, mar / marche / turbo, eager against units (the paper's
      setting and the issue's headline targets);
-  3. torch.profiler on MAR-B at batch 1 and 128 through the units: top kernels, the device's
+  2. torch.profiler on MAR-B at batch 1 and 128 through the units: top kernels, the device's
      busy share, host time per step (16 steps);
+  3. the CUDA tests: units captured and replayed against eager in every mode, no host sync in
+     a non-full step (eager and units), every attention on SDPA's flash or memory-efficient
+     backend;
   4. MAR-B at batch 1, 64 steps, eager against units (the batch-1 target);
   5. MAR-L and 6. MAR-H at batch 128, 64 steps, units alone (MARché's and turbo's speed-ups
      over exact MAR under the units);
@@ -26,10 +28,13 @@ default cfg, units as CUDA graphs sized for the batch (`--units cuda-graphs`, bu
      baseline, two calls merged by log-sum-exp) per layer call on MAR-B's shapes at batch 1,
      16 and 128 (`marche bench --attention`);
   8. MAR-B at batches 4 and 16, 16 steps, eager against units;
-  9. the GtR presets (quality, fast) against mar on MAR-B at batch 128, units alone.
-Peak device memory is in every row. `--smoke` runs the same stages on digits on the CPU with
-static units, batches of at most 4 and 4 steps: it checks their command lines and that the
-table reads what they write (tests/test_scripts.py).
+  9. MAR-B in the service's default mode (marche) at batches 16 to 128, 16 steps, units
+     alone: s/image and ms per step by batch, what the GPU default max_batch_size is chosen by;
+ 10. the GtR presets (quality, fast) against mar on MAR-B at batch 128, units alone.
+Peak device memory is in every row; a units stage writes its JSON as each row completes, so
+one stopped by its limit keeps the rows it finished. `--smoke` runs the same stages on digits
+on the CPU with static units, batches of at most 4 and 4 steps: it checks their command lines
+and that the table reads what they write (tests/test_scripts.py).
 
 The `service` part: `marche serve --model mar_base` on the device (continuous batching, units
 auto, bf16, 64 steps, batches up to 64) under `loadtest.loadbench` with the real engine: idle
@@ -127,14 +132,15 @@ def gpu_stages(sizes: Sizes, out: Path) -> list[Stage]:
                  *sizes.device, "--batches", sizes.batches(1, 16, 128),
                  "--json", str(out / "attention_mar_base.json"))  # fmt: skip
     return [
-        Stage("tests", 60, tests + (("--collect-only",) if sizes.smoke else ())),
-        units("mar_base_b128", 150, "mar_base", (128,), 64),
+        units("mar_base_b128", 180, "mar_base", (128,), 64),
         Stage("profile", 60, profile),
+        Stage("tests", 90, tests + (("--collect-only",) if sizes.smoke else ())),
         units("mar_base_b1", 90, "mar_base", (1,), 64, repeats=2),
         units("mar_large_b128", 50, "mar_large", (128,), 64, eager=False),
         units("mar_huge_b128", 70, "mar_huge", (128,), 64, eager=False),
         Stage("attention", 30, attention),
         units("mar_base_b4_b16", 45, "mar_base", (4, 16), 16),
+        units("mar_base_batches", 45, "mar_base", (16, 32, 64, 128), 16, "marche", eager=False),
         units("mar_base_b128_gtr", 45, "mar_base", (128,), 64, "mar,quality,fast", eager=False),
     ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -82,9 +82,11 @@ def units_table(
     pass_buckets: str | Sequence[int] = AUTO,
     eager: bool = True,
     eager_warmup_steps: int = 2,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Eager (unless not `eager`) vs `units_mode` units on `model` (random weights unless
-    digits); buckets "auto" are sized by the largest of `batches`."""
+    digits); buckets "auto" are sized by the largest of `batches`. `on_row(report)` hears
+    of the report each time a row is complete (the CLI writes its JSON then)."""
     pipe = Pipeline.load(model, device=device, dtype=dtype, random_weights=model != "digits")
     started = time.perf_counter()
     pipe.use_units(units_mode, head_buckets, pass_buckets, guided=(params.cfg != 1.0,),
@@ -98,6 +100,36 @@ def units_table(
     peaks: dict[tuple, int | None] = {}
     diffs: dict[tuple, float] = {}
     engines: dict[tuple, StepEngine] = {}  # (runner, batch): one pool each, as a server has
+    report = {
+        "model": model,
+        "device": device_name(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "units_mode": units_mode,
+        "eager": eager,
+        "steps": params.num_iter,
+        "cfg": params.cfg,
+        "repeats": repeats,
+        "start_up_build_s": build_s,
+        "units": {},
+        "rows": [],
+    }
+
+    def row_of(mode: str, batch: int) -> dict:
+        row: dict = {"mode": mode, "batch": batch}
+        for name in runners:
+            seconds = statistics.median(times[(mode, batch, name)])
+            row[f"{name}_ms_per_step"] = 1e3 * seconds / params.num_iter
+            row[f"{name}_s_per_image"] = seconds / batch
+            row[f"{name}_peak_bytes"] = peaks[(mode, batch, name)]
+            mar = times.get(("mar", batch, name), [])
+            if len(mar) == repeats:  # exact MAR's runs are all in
+                row[f"{name}_vs_mar"] = statistics.median(mar) / seconds
+        if eager:
+            row["speedup"] = row["eager_ms_per_step"] / row["units_ms_per_step"]
+            row["max_token_diff"] = diffs[(mode, batch)]
+        return row
+
     for round_ in range(repeats + 1):  # round 0 warms up (and builds lazily captured units)
         for mode in modes:
             for batch in batches:
@@ -119,38 +151,15 @@ def units_table(
                 if round_ and eager:
                     diff = (tokens["eager"] - tokens["units"]).abs().max().item()
                     diffs[(mode, batch)] = max(diffs.get((mode, batch), 0.0), diff)
+                if round_ == repeats:  # the row is complete: report it now, so that a run
+                    report["rows"].append(row_of(mode, batch))  # stopped later keeps it
+                    report["units"] = {
+                        name: units.stats.as_dict()
+                        for name, units in runners["units"].families().items()
+                        if units is not None
+                    }
+                    if on_row is not None:
+                        on_row(report)
     pipe.units = runners["units"]
-    rows = []
-    for mode in modes:
-        for batch in batches:
-            row: dict = {"mode": mode, "batch": batch}
-            for name in runners:
-                seconds = statistics.median(times[(mode, batch, name)])
-                row[f"{name}_ms_per_step"] = 1e3 * seconds / params.num_iter
-                row[f"{name}_s_per_image"] = seconds / batch
-                row[f"{name}_peak_bytes"] = peaks[(mode, batch, name)]
-                if "mar" in modes:
-                    mar = statistics.median(times[("mar", batch, name)])
-                    row[f"{name}_vs_mar"] = mar / seconds
-            if eager:
-                row["speedup"] = row["eager_ms_per_step"] / row["units_ms_per_step"]
-                row["max_token_diff"] = diffs[(mode, batch)]
-            rows.append(row)
-    return {
-        "model": model,
-        "device": device_name(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "units_mode": units_mode,
-        "eager": eager,
-        "steps": params.num_iter,
-        "cfg": params.cfg,
-        "repeats": repeats,
-        "start_up_build_s": build_s,
-        "units": {
-            name: units.stats.as_dict()
-            for name, units in pipe.units.families().items()
-            if units is not None
-        },
-        "rows": rows,
-    }
+    report["rows"] = [row_of(mode, batch) for mode in modes for batch in batches]  # all vs mar
+    return report

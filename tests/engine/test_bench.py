@@ -92,10 +92,16 @@ def test_the_units_bench_warms_eager_up_on_its_first_steps_and_may_time_units_al
     assert row["units_peak_bytes"] is None  # no device memory to read on a CPU
     assert row["units_s_per_image"] == pytest.approx(row["units_ms_per_step"] * 4 / 1e3)
 
-    alone = units_table("digits", "static", ["mar", "turbo"], [2], params, repeats=1,
-                        eager=False)  # fmt: skip
+    heard: list[list[str]] = []  # the rows of each report `on_row` hears of
+
+    def on_row(report: dict) -> None:
+        heard.append([row["mode"] for row in report["rows"]])
+
+    alone = units_table("digits", "static", ["turbo", "mar"], [2], params, repeats=1,
+                        eager=False, on_row=on_row)  # fmt: skip
+    assert heard == [["turbo"], ["turbo", "mar"]]  # as each row is complete
     assert alone["eager"] is False
     for row in alone["rows"]:
         assert "eager_ms_per_step" not in row and "speedup" not in row
         assert row["units_ms_per_step"] > 0 and row["units_vs_mar"] > 0
-    assert alone["rows"][0]["units_vs_mar"] == 1.0
+    assert alone["rows"][1]["units_vs_mar"] == 1.0  # mar's own; turbo's filled in at the end

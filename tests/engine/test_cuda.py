@@ -47,20 +47,42 @@ def test_every_mode_under_bf16_on_cuda(cuda_deep, mode):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("runner", ["eager", "units"])
 @pytest.mark.parametrize("mode", ["marche", "turbo", "quality", "fast"])
-def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode):
-    policy = make_policy(mode)
-    run(cuda_deep, policy)  # warm: schedules' coefficients are on the device after this
+def test_no_host_sync_in_a_non_full_step_on_cuda(cuda_deep, mode, runner):
+    """Eager, and through the units (CUDA graphs of the head and the transformer's passes,
+    their plans copied to the device asynchronously). One step engine serves both runs, as a
+    server keeps it: the units bound to its pool are captured in the first run."""
+    from engine.decode.step import StepEngine
 
-    def on_step(info):  # sync debug mode on for the steps after a full one
-        full = policy.stats[-1] == 1.0 if policy.stats else True
-        torch.cuda.set_sync_debug_mode("default" if full else "error")
+    units = None
+    if runner == "units":
+        from engine.decode.units.build import transformer_units
+        from engine.decode.units.head import HEAD_BUCKETS, HeadUnits
 
-    policy = make_policy(mode)
-    try:
-        run(cuda_deep, policy, on_step=on_step)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        units = transformer_units(cuda_deep, "cuda-graphs")
+        units.head = HeadUnits(cuda_deep.diffloss, "cuda-graphs", (*HEAD_BUCKETS, 512))
+    engine = StepEngine(cuda_deep, 2, "cuda", units)
+    config = cuda_deep.config
+
+    def generate(check: bool) -> None:
+        rng = request_randomness((1, 2), config.seq_len, config.token_embed_dim, 100, "cuda")
+        labels = torch.tensor((3, 5), device="cuda")
+        rows = [engine.admit(labels[i], PARAMS, make_policy(mode).config, rng[i]) for i in (0, 1)]
+        try:
+            with torch.no_grad():
+                while not rows[0].finished:
+                    engine.step(rows)
+                    full = all(r.active[-1] == 1.0 for r in rows)  # the next step may sync
+                    if check:
+                        torch.cuda.set_sync_debug_mode("default" if full else "error")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for row in rows:
+            engine.release(row)
+
+    generate(check=False)  # warm: coefficients on the device, units captured
+    generate(check=True)
 
 
 @pytest.mark.parametrize("mode", MODES)
