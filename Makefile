@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-service train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
+.PHONY: install serve serve-ray demo grid screenshot test lint image image-test format quality ablations ablations-turbo ablations-gtr speculative flops bench-cpu bench-gpu bench-gpu-service gpu-wheels train-digits info clean loadtest loadbench loadbench-flat fairbench scale-bench fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,9 @@ bench-gpu:  ## on a CUDA node: one command < 9 min: CUDA tests, MAR-B/L/H eager 
 
 bench-gpu-service:  ## on a CUDA node: marche serve on MAR-B under the load bench (real engine), < 9 min
 	$(PYTHON) scripts/bench_gpu.py service --out out/gpu
+
+gpu-wheels:  ## here: the wheels bench-gpu-service needs on a lent device, whose image lacks FastAPI and pydantic (.whl/)
+	scripts/gpu_wheels.sh
 
 # The shipped weights, in three seeded stages (~70 + ~37 + ~40 min on a 2-core CPU).
 train-digits: install

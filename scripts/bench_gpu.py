@@ -4,6 +4,10 @@
     python scripts/bench_gpu.py service [--out ...]     (make bench-gpu-service)
     python scripts/bench_gpu.py gpu --smoke --out DIR   (every stage on digits on the CPU, tiny)
 
+Through the device tool, write under $OUT so that the files come back:
+`PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py gpu --out $OUT/gpu` (timeout_s 580); the
+service part needs the wheels of scripts/gpu_wheels.sh carried (its header has the command).
+
 A task is lent a device only by chance, with 15 minutes of device time for everything, the
 machine's start included: the run is one command. Its stages go in the order their answers
 matter, each under its own time limit and all under one deadline; a stage that would start
