@@ -130,11 +130,11 @@ def scrape(url: str) -> dict[str, float]:
 @contextlib.contextmanager
 def server(
     scheduler: str, port: int, max_batch_size: int, engine: str = "real",
-    settings: dict[str, str] | None = None,
+    settings: dict[str, str] | None = None, log_path: str | Path | None = None,
 ) -> Iterator[str]:  # fmt: skip
     """`marche serve --scheduler S` on localhost:port until ready (`engine="flat"`: the same
     app on `loadtest.flat_engine`'s synthetic engine), with more `MARCHE_*` `settings`;
-    stopped on exit."""
+    its output to `log_path` (else dropped); stopped on exit."""
     env = os.environ | {"MARCHE_SCHEDULER": scheduler, "MARCHE_MAX_BATCH_SIZE": str(max_batch_size),
                         "MARCHE_QUEUE_SIZE": "512", **(settings or {})}  # fmt: skip
     if engine == "flat":
@@ -142,8 +142,8 @@ def server(
     else:
         cmd = [sys.executable, "-c", "from marche.cli import main; main()", "serve",
                "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -163,13 +163,17 @@ def server(
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if log is not subprocess.DEVNULL:
+            log.close()
 
 
 def bench_scheduler(args, scheduler: str, reference: float | None) -> dict:
     def log(message: str) -> None:
         sys.stderr.write(f"[{scheduler}] {message}\n")
 
-    with server(scheduler, args.port, args.max_batch_size, args.engine) as url:
+    server_log = args.server_log and f"{args.server_log}.{scheduler}"  # one file per scheduler
+    with server(scheduler, args.port, args.max_batch_size, args.engine,
+                log_path=server_log) as url:  # fmt: skip
         info = httpx.get(url + "/info", timeout=10).json()
         idle = []
         for i in range(args.idle_requests + 1):  # the first one is discarded
@@ -262,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="flat: loadtest.flat_engine's synthetic engine, step time flat in "
                         "rows (a GPU at moderate batch)")  # fmt: skip
     parser.add_argument("--out", default="docs/results/loadbench")
+    parser.add_argument("--server-log", default=None,
+                        help="write the server's output to PATH.SCHEDULER")  # fmt: skip
     args = parser.parse_args(argv)
     args.loads = [float(x) for x in args.loads.split(",")]
     results, reference = [], None

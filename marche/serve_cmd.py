@@ -92,7 +92,7 @@ def serve(
 
     from service.http.app import build_app
 
-    _log_to_stderr("engine", "service")  # start-up facts: units built, their time and memory
+    _log_to_stderr("engine", "service", "marche")  # start-up facts: units built, the warm-up
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()

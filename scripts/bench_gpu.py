@@ -106,6 +106,7 @@ def gpu_stages(sizes: Sizes, out: Path) -> list[Stage]:
         eager: bool = True,
     ) -> Stage:
         argv = (
+            "-m",
             "marche",
             "bench",
             "--model",
@@ -163,7 +164,8 @@ def service_stages(sizes: Sizes, out: Path) -> list[Stage]:
     )
     argv = ("-m", "loadtest.loadbench", "--schedulers", "continuous", "--steps", sizes.steps(64),
             "--max-batch-size", sizes.batches(64), *timing, "--loads", "0.8",
-            "--out", str(out / f"loadbench_{model}"))  # fmt: skip
+            "--out", str(out / f"loadbench_{model}"),
+            "--server-log", str(out / f"server_{model}.log"))  # fmt: skip
     return [Stage(f"loadbench_{model}", 480, argv, env)]
 
 

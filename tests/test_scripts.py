@@ -49,6 +49,12 @@ def test_bench_gpu_is_one_command_under_nine_minutes_per_part(tmp_path):
     for part, stages in bench_gpu.PARTS.items():
         listed = stages(bench_gpu.Sizes(smoke=False), tmp_path)
         assert listed and all(s.limit_s <= bench_gpu.DEADLINE_S for s in listed), part
+    for part, stages in bench_gpu.PARTS.items():  # each runs a module of this repository
+        for stage in stages(bench_gpu.Sizes(smoke=False), tmp_path):  # (-m: from its root,
+            assert stage.argv[0] == "-m", (part, stage.argv)  # as on a device, where nothing
+            spec = importlib.util.find_spec(stage.argv[1])  # is installed)
+            assert spec is not None and spec.origin is not None, stage.argv
+            assert stage.argv[1] == "pytest" or Path(spec.origin).is_relative_to(ROOT)
     names = [s.name for s in bench_gpu.gpu_stages(bench_gpu.Sizes(False), tmp_path)]
     # the headline first: MAR-B at batch 128, eager against units
     assert names[:3] == ["mar_base_b128", "profile", "tests"]
