@@ -258,6 +258,16 @@ def bench(
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     models = [m.strip() for m in model.split(",") if m.strip()]
+
+    def sizes() -> list[int]:  # --batches, read by the modes that take it
+        return [int(b) for b in batches.split(",") if b.strip()]
+
+    def params_of(name: str):
+        """The model's default sampling parameters, with --steps and --cfg where given."""
+        defaults = MODELS[name].defaults
+        return replace(defaults, num_iter=steps or defaults.num_iter,
+                       cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
+
     try:
         knobs = marche_config(budget, selection_layer, refresh_period, encoder, "attention", True)
         for name in models:
@@ -266,26 +276,17 @@ def bench(
         if attention:
             from engine.eval.attention import attention_table
 
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = attention_table(models[0], sizes, device, dtype, repeats=max(repeats, 20))
+            report = attention_table(models[0], sizes(), device, dtype, repeats=max(repeats, 20))
         elif profile:
             from engine.eval.profile import profile_table
 
-            defaults = MODELS[models[0]].defaults
-            params = replace(defaults, num_iter=steps or defaults.num_iter,
-                             cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = profile_table(models[0], mode_list, sizes, params, device, dtype,
-                                   units=units or "off")  # fmt: skip
+            report = profile_table(models[0], mode_list, sizes(), params_of(models[0]), device,
+                                   dtype, units=units or "off")  # fmt: skip
         elif units is not None and not dispatch:
             from engine.eval.latency import units_table
 
-            defaults = MODELS[models[0]].defaults
-            params = replace(defaults, num_iter=steps or defaults.num_iter,
-                             cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = units_table(models[0], units, mode_list, sizes, params, device, dtype,
-                                 repeats, knobs, head_buckets, pass_buckets, eager,
+            report = units_table(models[0], units, mode_list, sizes(), params_of(models[0]), device,
+                                 dtype, repeats, knobs, head_buckets, pass_buckets, eager,
                                  on_row=partial(_write_json, json_path))  # fmt: skip
         elif flops:
             from engine.eval.flops import flops_table
@@ -294,28 +295,19 @@ def bench(
         elif dispatch:
             from engine.eval.dispatch import dispatch_table
 
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-            report = {}
-            for name in models:
-                defaults = MODELS[name].defaults
-                params = replace(defaults, num_iter=steps or defaults.num_iter,
-                                 cfg=defaults.cfg if cfg is None else cfg)  # fmt: skip
-                report[name] = dispatch_table(name, mode_list, sizes, params, knobs, count_steps,
-                                              units is not None)  # fmt: skip
+            report = {
+                name: dispatch_table(name, mode_list, sizes(), params_of(name), knobs, count_steps,
+                                     units is not None)
+                for name in models
+            }  # fmt: skip
         else:
             from engine.eval.bench import bench as run_bench
 
             if len(models) != 1:
                 raise ValueError("timing takes one model (--flops takes several)")
-            defaults = MODELS[models[0]].defaults
-            params = replace(
-                defaults,
-                num_iter=steps or defaults.num_iter,
-                cfg=defaults.cfg if cfg is None else cfg,
-            )
             report = run_bench(
-                models[0], mode_list, batch, params, device, dtype, repeats, marche=knobs,
-                progress=_print_run,
+                models[0], mode_list, batch, params_of(models[0]), device, dtype, repeats,
+                marche=knobs, progress=_print_run,
             )  # fmt: skip
     except ValueError as exc:
         raise fail(str(exc)) from None
