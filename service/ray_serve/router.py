@@ -13,7 +13,7 @@ and the router sends each request to the replica where it would start soonest an
 would clear first:
 
     load(r) = start_s(r) + (reported image_steps(r) + image-steps this router sent r since
-              that report) × step_s(r) / rows(r)
+              that report + image-steps on their way to r) × step_s(r) / rows(r)
 
 (under fifo the two terms rank alike; under fair a new request starts at once wherever a
 slot is free, and `start_s` counts only when the pool is full).
@@ -24,6 +24,12 @@ Replicas that already refused this request (queue full: the `avoid` keyword) ran
 any candidate's stats are missing or stale (no new report for `stale_after_s`), the router
 falls back to Ray's default choice among all candidates (one rank: least queue length).
 
+A request's work counts from the moment it ranks a replica first (`hold`), not only once the
+replica has accepted it (`on_request_routed`, a round trip later): Serve routes several requests
+at once, and without the hold every request of a burst ranked the same idle replica first (4
+requests at once all went to one of two idle replicas). A hold ends when its request is routed
+(then it counts as sent, to the replica that took it) or after `stale_after_s`.
+
 A router runs in every process that holds a handle (each ingress replica) and corrects only
 for its own sends. Serve pickles this module by value; what it records for `/info` goes to
 `service.ray_serve.view`, imported by reference, so the ingress in the same process reads it.
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -50,6 +56,8 @@ class WorkBook:
         self.stale_after_s, self.clock = stale_after_s, clock
         self._seen: dict[str, tuple[Any, float]] = {}  # replica -> (seq, when first seen)
         self._sent: dict[str, float] = {}  # replica -> image-steps sent since that report
+        self._held: dict[Hashable, tuple[str, float, float]] = {}  # request -> (replica,
+        # image-steps, when held): requests on their way to the replica they ranked first
 
     def load(self, replica: str, stats: dict[str, Any]) -> float | None:
         """Seconds of work ahead on `replica` (None: no fresh report)."""
@@ -61,12 +69,16 @@ class WorkBook:
             self._sent[replica] = 0.0
         if now - self._seen[replica][1] > self.stale_after_s:
             return None
-        work = stats["image_steps"] + self._sent[replica]
+        held = sum(w for r, w, _ in self._held.values() if r == replica)
+        work = stats["image_steps"] + self._sent[replica] + held
         step_s = stats.get("step_s") or 1.0  # not timed yet: rank by work alone
         return stats.get("start_s", 0.0) + work * step_s / max(1, stats.get("rows") or 1)
 
     def loads(self, replicas: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         """Each replica's `load` from its stats."""
+        now = self.clock()
+        for request in [q for q, (_, _, t) in self._held.items() if now - t > self.stale_after_s]:
+            del self._held[request]  # never routed (cancelled): it stops counting
         return {r: self.load(r, stats) for r, stats in replicas.items()}
 
     def rank(self, replicas: dict[str, dict[str, Any]], avoid: Iterable[str] = ()) -> list[str]:
@@ -85,11 +97,26 @@ class WorkBook:
     def sent(self, replica: str, image_steps: float) -> None:
         self._sent[replica] = self._sent.get(replica, 0.0) + image_steps
 
+    def hold(self, request: Hashable, replica: str, image_steps: float) -> None:
+        """`request` ranked `replica` first: its work counts there until it is `routed`."""
+        self._held[request] = (replica, image_steps, self.clock())
+
+    def release(self, request: Hashable) -> None:
+        """`request` is being ranked again (a retry): its own hold must not weigh its choice."""
+        self._held.pop(request, None)
+
+    def routed(self, request: Hashable, replica: str, image_steps: float) -> None:
+        """`replica` accepted `request`: sent there, whichever replica it was held for."""
+        self.release(request)
+        self.sent(replica, image_steps)
+
     def forget(self, alive: Iterable[str]) -> None:
         keep = set(alive)
         for book in (self._seen, self._sent):
             for replica in [r for r in book if r not in keep]:
                 del book[replica]
+        for request in [q for q, (r, _, _) in self._held.items() if r not in keep]:
+            del self._held[request]
 
 
 class LeastWorkRouter(RequestRouter):
@@ -109,19 +136,28 @@ class LeastWorkRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         stats = {rid: dict(r.routing_stats or {}) for rid, r in by_id.items()}
         avoid = pending_request.kwargs.get("avoid", ()) if pending_request else ()
+        if pending_request is not None:
+            self.book.release(id(pending_request))
         loads = self.book.loads(stats)
         ranked = self.book.order(loads, avoid)
         view.record(stats, loads)
         if not ranked:
             return [candidate_replicas]  # stale: Ray's default (least queue length)
+        if pending_request is not None:  # Ray's base class takes the first rank unless full
+            self.book.hold(id(pending_request), ranked[0], _work(pending_request))
         return [[by_id[rid]] for rid in ranked]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
-        self.book.sent(replica_id.unique_id, float(pending_request.kwargs.get("work", 0)))
+        self.book.routed(id(pending_request), replica_id.unique_id, _work(pending_request))
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)  # a new replica set: forget the ones that left
         self.book.forget(r.replica_id.unique_id for r in replicas)
         view.forget({r.replica_id.unique_id for r in replicas})
+
+
+def _work(pending_request: PendingRequest) -> float:
+    """The request's image-steps (`client.work`, passed as the `work` keyword)."""
+    return float(pending_request.kwargs.get("work", 0))

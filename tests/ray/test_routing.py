@@ -125,6 +125,36 @@ def test_the_router_ranks_one_replica_per_rank_and_backs_off():
     assert {r["replica"] for r in view.replicas()} >= {"a", "b"}  # what /info shows
 
 
+def test_a_burst_routed_at_once_is_spread():
+    """Serve ranks several requests before the first is accepted (a round trip): each one's
+    work counts from its ranking (the hold), so 4 requests at once go 2 / 2 to 2 idle
+    replicas, not 4 / 0 (seen on the 2-node cluster), and count once when routed."""
+    router = make_router()
+    a, b = FakeReplica("a", stats(1, 0)), FakeReplica("b", stats(1, 0))
+    burst = [pending(work=256, avoid=()) for _ in range(4)]
+    firsts = [asyncio.run(router.choose_replicas([a, b], r))[0][0].unique_id for r in burst]
+    assert sorted(firsts) == ["a", "a", "b", "b"]
+    for r, first in zip(burst, firsts, strict=True):
+        router.on_request_routed(r, SimpleNamespace(unique_id=first), None)
+    assert router.book.load("a", a.routing_stats) == pytest.approx(512 * 0.1 / 16)  # once
+
+
+def test_a_held_request_counts_where_it_was_routed_and_expires_unrouted():
+    clock = Clock()
+    book = WorkBook(stale_after_s=2.0, clock=clock)
+    replicas = {"a": stats(1, 0), "b": stats(1, 100)}
+    book.hold("r1", "a", 4096)
+    assert book.rank(replicas) == ["b", "a"]
+    book.routed("r1", "b", 4096)  # a was full: b took it
+    assert book.loads(replicas) == {"a": 0.0, "b": pytest.approx((100 + 4096) * 0.1 / 16)}
+    book.hold("r2", "a", 4096)  # never routed (its client went away)
+    clock.now = 1.5
+    replicas = {"a": stats(2, 0), "b": stats(2, 0)}
+    assert book.loads(replicas)["a"] == pytest.approx(4096 * 0.1 / 16)
+    clock.now = 2.5
+    assert book.loads({"a": stats(3, 0), "b": stats(3, 0)})["a"] == 0.0
+
+
 def test_the_router_falls_back_to_all_candidates_on_stale_stats():
     router = make_router()
     a, b = FakeReplica("a", stats(1, 0)), FakeReplica("b", {})

@@ -3,7 +3,8 @@ head and two worker nodes, each worker with one `fake_gpu` standing in for a GPU
 routing and node loss go through Ray's own code paths:
 
 * two engine replicas, one per node; /readyz and /info honest about them;
-* the work-aware router live in the ingress (both replicas' reported work in /info);
+* the work-aware router live in the ingress (both replicas' reported work in /info; requests
+  sent at once spread over both);
 * a burst past both queues: refusals spill to the other replica, 503 only when both are full;
 * a worker node killed (its raylet, no grace) with requests in flight: every /generate is
   answered (those on the lost replica retried on the survivor, counted), new requests are
@@ -36,7 +37,7 @@ ENV = {
     "MARCHE_DEVICE": "cpu",
     "MARCHE_TORCH_THREADS": "1",
     "MARCHE_MAX_BATCH_SIZE": "2",
-    "MARCHE_QUEUE_SIZE": "2",
+    "MARCHE_QUEUE_SIZE": "4",  # a survivor holds 2 + 4: the 4 in flight at a node loss, any split
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5",  # a loaded 2-core machine
     "RAY_memory_monitor_refresh_ms": "0",  # one raylet's OOM monitor sees the whole host
@@ -82,6 +83,12 @@ def cluster(monkeypatch):
             cluster.shutdown()
 
 
+def split(base: str) -> list[tuple[int, int]]:
+    """(running, waiting) requests of each engine replica, as the ingress's router last saw."""
+    engines = httpx.get(f"{base}/info", timeout=30).json()["replicas"]["engines"]
+    return [(e["running"], e["waiting"]) for e in engines]
+
+
 def replica_states(base: str) -> dict[str, int]:
     return httpx.get(f"{base}/info", timeout=30).json()["replicas"]["states"]
 
@@ -112,22 +119,26 @@ def test_two_replicas_on_two_nodes_route_spill_and_survive_a_node_loss(cluster):
     engines = httpx.get(f"{base}/info", timeout=30).json()["replicas"]["engines"]
     assert len(engines) == 2 and all("image_steps" in e and e["rows"] == 2 for e in engines)
 
-    # -- a burst past both queues: a replica holds at most 2 running + 2 waiting, so more than
-    # 4 served means refusals went on to the other replica
-    with ThreadPoolExecutor(16) as pool:
-        burst = list(pool.map(lambda s: generate(base, s, 32), range(100, 116)))
+    # -- a burst past both queues: a replica holds at most 2 running + 4 waiting, so more than
+    # 6 served means refusals went on to the other replica
+    with ThreadPoolExecutor(24) as pool:
+        burst = list(pool.map(lambda s: generate(base, s, 32), range(100, 124)))
     codes = [r.status_code for r in burst]
-    assert set(codes) <= {200, 503} and codes.count(200) > 4 and 503 in codes, codes
+    assert set(codes) <= {200, 503} and codes.count(200) > 6 and 503 in codes, codes
     for r in (r for r in burst if r.status_code == 503):
         assert "every engine replica" in r.json()["detail"] and int(r.headers["retry-after"]) > 1
     wait_for(lambda: retries("queue_full") >= 1, 60, "spills counted")
-    log.info("burst of 16: %d served, %d refused, %d spills to the other replica",
+    log.info("burst of 24: %d served, %d refused, %d spills to the other replica",
              codes.count(200), codes.count(503), retries("queue_full"))  # fmt: skip
 
-    # -- a worker node lost with requests in flight
+    # -- a worker node lost with requests in flight, spread over both replicas by the router
+    # (it counts a request's work from its choice: at once, 4 went to one replica before). The
+    # survivor has room for all four (2 rows + 4 waiting) whatever the split.
     with ThreadPoolExecutor(4) as pool:
         in_flight = [pool.submit(generate, base, s, 256) for s in range(200, 204)]
-        time.sleep(1.5)  # admitted on both replicas, mid-run (256 steps take several seconds)
+        wait_for(lambda: sum(map(sum, split(base))) == 4, 60, "the 4 requests admitted")
+        held = split(base)  # (running, waiting) per replica; 256 steps take several seconds
+        assert all(running + waiting for running, waiting in held), held
         cluster.remove_node(workers[0], allow_graceful=False)
         lost = time.monotonic()
         answers = [f.result() for f in in_flight]
@@ -137,8 +148,9 @@ def test_two_replicas_on_two_nodes_route_spill_and_survive_a_node_loss(cluster):
     again = [generate(base, s, 256) for s in (200, 201)]  # the seeds' images, from the survivor
     assert [r.content for r in again] == [r.content for r in answers[:2]]
     assert generate(base, 300, 8).status_code == 200  # new requests: the survivor serves
-    log.info("node lost: the 4 in-flight requests answered within %.1f s, %d retried on the "
-             "survivor", answered, retries("replica_lost"))  # fmt: skip
+    log.info("node lost: the 4 in-flight requests (running, waiting per replica: %s) answered "
+             "within %.1f s, %d retried on the survivor", held, answered,
+             retries("replica_lost"))  # fmt: skip
 
     # -- capacity returns: a replica on the new node
     cluster.add_node(num_cpus=1, resources={"fake_gpu": 1})
