@@ -36,7 +36,7 @@ grid: install  ## the grid in docs/ENGINE.md: every class, seeds 0-7, exact MAR,
 screenshot: install  ## docs/web.png: the web page after a compare run (needs chromium + chromium-driver)
 	$(BIN)/python scripts/screenshot.py --class-name three --seed 1 --out docs/web.png
 
-test: install  ## the whole test suite (CPU; ~10 min on 2 cores)
+test: install  ## the whole test suite (CPU; ~16 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
 # The Dockerfile built and run with podman on a machine with no Docker engine and no image
