@@ -50,7 +50,7 @@ def main(out: Path) -> None:
                 f"| {report['model']} | {_units(report)} | {report['batch']} | {mode} "
                 f"| {r['s_per_image']:.4f} | {ph['encoder']:.4f} | {ph['decoder']:.4f} "
                 f"| {ph['diffusion_head']:.4f} | {ph['vae']:.4f} "
-                f"| {'-' if speedup is None else f'{speedup:.2f}x'} | {per_step} |"
+                f"| {_num(speedup, '.2f', 'x')} | {per_step} |"
             )
     units = sorted(out.glob("units_*.json"))
     if units:
@@ -85,11 +85,10 @@ def main(out: Path) -> None:
     for path in profiles:
         report = json.loads(path.read_text())
         for row in report["rows"]:
-            busy = row["device_busy"]
             tops = ", ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in row["top"][:3])
             lines.append(
                 f"| {report['model']} | {row['batch']} | {row['mode']} | {row['ms_per_step']:.1f} "
-                f"| {row['host_ms_per_step']:.1f} | {'-' if busy is None else f'{busy:.0%}'} "
+                f"| {row['host_ms_per_step']:.1f} | {_num(row['device_busy'], '.0%')} "
                 f"| {tops} |"
             )
     for path in sorted(out.glob("attention_*.json")):  # marche bench --attention

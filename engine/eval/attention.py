@@ -35,6 +35,7 @@ from torch import Tensor
 from engine.decode.marche import MarcheConfig
 from engine.decode.units.common import timed
 from engine.eval.bench import device_name
+from engine.model.mar import store_kv
 from engine.pipeline import MODELS, resolve_device, resolve_dtype
 
 VARIANTS = ("pool", "pool_view", "concat", "lse")
@@ -70,9 +71,8 @@ def inputs(
 
 
 def _store(x: dict) -> None:
-    width = x["k_pool"].shape[-2] * x["k_pool"].shape[-1]
-    for new, pool in ((x["k"], x["k_pool"]), (x["v"], x["v_pool"])):
-        pool.view(-1, width).index_copy_(0, x["flat"], new.reshape(-1, width))
+    """The fresh K/V into their slots, as the model writes them."""
+    store_kv(x["k"], x["v"], x["flat"], x["k_pool"], x["v_pool"])
 
 
 def pool(x: dict) -> Tensor:

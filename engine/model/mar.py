@@ -76,7 +76,7 @@ class Attention(nn.Module):
         stored K/V for cached ones. One SDPA call, exact for the given cache.
         """
         q, k, v = self.qkv_tokens(x)
-        _store(k, v, flat_slots, k_pool, v_pool)
+        store_kv(k, v, flat_slots, k_pool, v_pool)
         keys, values = k_pool[rows].transpose(1, 2), v_pool[rows].transpose(1, 2)  # (B,H,N,hd)
         return self.merge_heads(F.scaled_dot_product_attention(q, keys, values))
 
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         attend over their row's cache prefix up to and including themselves: slots
         [0, end), and where rows end earlier, key_mask (B, end) marks each row's prefix."""
         q, k, v = self.qkv_tokens(x)
-        _store(k, v, flat_slots, k_pool, v_pool)
+        store_kv(k, v, flat_slots, k_pool, v_pool)
         keys = k_pool[rows, :end].transpose(1, 2)  # (B, H, S, hd)
         values = v_pool[rows, :end].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, keys, values, _mask(key_mask))
@@ -122,7 +122,7 @@ class Attention(nn.Module):
 Rows = slice | Tensor  # a call's rows in a cache pool
 
 
-def _store(k: Tensor, v: Tensor, flat_slots: Tensor, k_pool: Tensor, v_pool: Tensor) -> None:
+def store_kv(k: Tensor, v: Tensor, flat_slots: Tensor, k_pool: Tensor, v_pool: Tensor) -> None:
     """Write token-major K/V (B, n, H, hd) into pool slots flat_slots (B*n,) = row * N + slot."""
     width = k_pool.shape[-2] * k_pool.shape[-1]
     k_pool.view(-1, width).index_copy_(0, flat_slots, k.reshape(-1, width).to(k_pool.dtype))
